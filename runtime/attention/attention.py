@@ -1,0 +1,93 @@
+"""Attention of one layer for a chunk of S tokens at positions p0 .. p0+S-1.
+
+MQA with one shared 512-d KV vector per token used as key and value; keys of a query at p:
+the window tokens max(0, p-w+1) .. p, plus compressed entries (m = 128: all visible ones,
+m = 4: the indexer's choice). The sink adds exp(sink_h) to each head's denominator. The
+output's rope dims are rotated back by the query position, then the grouped low-rank
+projection wo_a (bf16, no activation quantization) and wo_b (FP8).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import KV_FP8_BLOCK, ModelConfig
+from ..kv_cache import LayerCache
+from ..nn import rms_scale, rmsnorm
+from ..numerics import Numerics
+from ..params import AttnW
+from ..rope import Rope
+from . import compressor
+from .indexer import indexer_select
+
+
+def query(cfg: ModelConfig, w: AttnW, x: np.ndarray, pos: np.ndarray, rope: Rope,
+          num: Numerics, be) -> tuple[np.ndarray, np.ndarray]:
+    """x [S, d] -> (q [S, H, D] normalised per head and rotated, qr [S, Lq])."""
+    S = x.shape[0]
+    qr = num.bf16(rmsnorm(num.bf16(be.linear(x, w.wq_a)), w.q_norm, cfg.norm_eps))   # [S, Lq]
+    q = num.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.n_heads, cfg.head_dim)       # [S, H, D]
+    q = num.bf16(q * rms_scale(q, cfg.norm_eps))
+    return num.bf16(rope.apply(q, pos)), qr
+
+
+def window_kv(cfg: ModelConfig, w: AttnW, x: np.ndarray, pos: np.ndarray, rope: Rope,
+              num: Numerics, be) -> np.ndarray:
+    """x [S, d] -> kv [S, D]: normalised, rope dims rotated, nope dims FP8-rounded."""
+    kv = num.bf16(rmsnorm(num.bf16(be.linear(x, w.wkv)), w.kv_norm, cfg.norm_eps))   # [S, D]
+    kv = num.bf16(rope.apply(kv, pos))
+    kv[:, :cfg.nope_dim] = num.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
+    return kv
+
+
+def update_compressed(cfg: ModelConfig, w: AttnW, lc: LayerCache, x: np.ndarray, p0: int,
+                      rope: Rope, num: Numerics) -> None:
+    """Advance the attention compressor by the chunk and store completed entries."""
+    first, raw = compressor.advance(w.compressor, lc.comp_state, x, p0)
+    if raw.shape[0]:
+        kv = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, num)
+        kv[:, :cfg.nope_dim] = num.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
+        lc.comp.write(slice(first, first + kv.shape[0]), kv)
+        lc.n_comp = first + kv.shape[0]
+
+
+def window_index(pos: np.ndarray, base: int, window: int) -> np.ndarray:
+    """Rows (into keys starting at position `base`) of each query's window, -1 padded."""
+    offs = np.arange(window)[None, :] - (window - 1)                  # [1, w]: -w+1 .. 0
+    kpos = pos[:, None] + offs                                        # [S, w]
+    return np.where(kpos >= max(base, 0), kpos - base, -1)
+
+
+def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc: LayerCache,
+              rope: Rope, num: Numerics, be) -> np.ndarray:
+    """x [S, d] (bf16 values) -> attention output [S, d]; advances the layer cache."""
+    S, m, win = x.shape[0], cfg.ratio(layer), cfg.window
+    pos = np.arange(p0, p0 + S)
+    q, qr = query(cfg, w, x, pos, rope, num, be)                       # [S, H, D], [S, Lq]
+    kv = window_kv(cfg, w, x, pos, rope, num, be)                      # [S, D]
+
+    # keys = [earlier window tokens from the ring | this chunk | compressed entries]
+    n_prev = min(p0, win - 1)
+    ring_rows = np.arange(p0 - n_prev, p0) % win
+    keys = [lc.ring.read(ring_rows), kv]
+    idx = window_index(pos, p0 - n_prev, win)                          # [S, w]
+    if m > 0:
+        sel = None
+        if w.indexer is not None:
+            sel = indexer_select(cfg, w.indexer, lc, x, qr, p0, rope, num, be)   # [S, k]
+        update_compressed(cfg, w, lc, x, p0, rope, num)
+        T = (p0 + S) // m
+        if sel is None:                                                # HCA: all visible
+            t = np.arange(T)[None, :]
+            sel = np.where(t < ((pos + 1) // m)[:, None], t, -1)
+        base = n_prev + S
+        idx = np.concatenate([idx, np.where(sel >= 0, sel + base, -1)], axis=1)
+        keys.append(lc.comp.read(slice(0, T)))
+    tail = pos[-min(S, win):]
+    lc.ring.write(tail % win, kv[-tail.size:])
+
+    o = be.sparse_attn(q, np.concatenate(keys), idx, w.sink, cfg.head_dim ** -0.5)
+    o = num.bf16(rope.apply(num.bf16(o), pos, inverse=True))          # [S, H, D]
+
+    og = o.reshape(S, cfg.o_groups, -1)                               # [S, G, H*D/G]
+    z = num.bf16(be.grouped_linear(og, w.wo_a).reshape(S, -1))         # [S, G*Lo]
+    return num.bf16(be.linear(z, w.wo_b))                             # [S, d]

@@ -1,0 +1,73 @@
+"""The lightning indexer of CSA layers (m = 4): which compressed entries each query reads.
+
+Queries come from the query latent qr: project, RoPE, Hadamard rotation, FP4 round trip.
+Keys are the indexer's own compressed entries (Hadamard + FP4). A query at position p sees
+entries t < (p+1) // 4 and keeps the `index_topk` best by sum_h w_h relu(q_h . k_t).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import INDEX_FP4_BLOCK, ModelConfig
+from ..kv_cache import LayerCache
+from ..nn import F32, hadamard_rotate, topk_desc
+from ..numerics import Numerics
+from ..params import IndexerW
+from ..rope import Rope
+from . import compressor
+
+
+def index_queries(cfg: ModelConfig, w: IndexerW, qr: np.ndarray, positions: np.ndarray,
+                  rope: Rope, num: Numerics, be) -> np.ndarray:
+    """qr [S, Lq] -> indexer queries [S, Ih, Id] (rotated, FP4-rounded)."""
+    S = qr.shape[0]
+    qi = num.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.index_n_heads, cfg.index_head_dim)
+    qi = num.bf16(rope.apply(qi, positions))
+    qi = num.bf16(hadamard_rotate(qi))
+    return num.fp4(qi, INDEX_FP4_BLOCK)
+
+
+def head_weights(cfg: ModelConfig, w: IndexerW, x: np.ndarray, num: Numerics, be) -> np.ndarray:
+    """x [S, d] -> per-head weights [S, Ih], including 1/(sqrt(Id) sqrt(Ih))."""
+    c = F32(cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
+    return num.bf16(num.bf16(be.dense(x, w.weights_proj)) * c)
+
+
+def update_keys(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray, p0: int,
+                rope: Rope, num: Numerics) -> None:
+    """Advance the indexer's compressor by the chunk and store completed keys."""
+    first, raw = compressor.advance(w.compressor, lc.index_state, x, p0)
+    if raw.shape[0]:
+        k = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, num)
+        k = num.fp4(num.bf16(hadamard_rotate(k)), INDEX_FP4_BLOCK)
+        lc.index_keys.write(slice(first, first + k.shape[0]), k)
+
+
+def select(scores: np.ndarray, positions: np.ndarray, ratio: int, topk: int) -> np.ndarray:
+    """scores [S, T] -> selected entry ids [S, min(topk, T)], -1 where fewer are visible.
+
+    Entry t is visible to the query at position p iff t < (p + 1) // ratio; ties prefer
+    the lower entry id.
+    """
+    S, T = scores.shape
+    k = min(topk, T)
+    visible = np.arange(T)[None, :] < ((positions + 1) // ratio)[:, None]     # [S, T]
+    masked = np.where(visible, scores, -np.inf)
+    idx = topk_desc(masked, k)                                                  # [S, k]
+    n_vis = visible.sum(axis=1)
+    rank = np.arange(k)[None, :]
+    return np.where(rank < n_vis[:, None], idx, -1)
+
+
+def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray,
+                   qr: np.ndarray, p0: int, rope: Rope, num: Numerics, be) -> np.ndarray:
+    """Advance the indexer keys by the chunk, then pick each query's compressed entries."""
+    positions = np.arange(p0, p0 + x.shape[0])
+    qi = index_queries(cfg, w, qr, positions, rope, num, be)                   # [S, Ih, Id]
+    update_keys(cfg, w, lc, x, p0, rope, num)
+    T = (p0 + x.shape[0]) // 4
+    if T == 0:
+        return np.zeros((x.shape[0], 0), np.int64)
+    wt = head_weights(cfg, w, x, num, be)                                       # [S, Ih]
+    scores = be.index_scores(qi, wt, lc.index_keys.read(slice(0, T)))           # [S, T]
+    return select(scores, positions, 4, cfg.index_topk)

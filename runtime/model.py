@@ -1,0 +1,83 @@
+"""The DeepSeek-V4 model: embedding, blocks, final hyper-connection mix, norm and head.
+
+    model = Model.load("path/to/checkpoint")            # mmap, validate, no conversion
+    cache = model.new_cache(capacity=4096)
+    logits = model.forward(token_ids, cache)             # [S, vocab] float32, every position
+    logits = model.forward([next_id], cache)             # decode continues the sequence
+
+A chunk may start at any position and have any length: prefill, chunked prefill and
+decode all go through the same code.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .backend import RefBackend
+from .block import block_forward
+from .config import ModelConfig
+from .errors import DsvError
+from .hc import hc_head
+from .kv_cache import KVCache
+from .linear import as_f32
+from .nn import rmsnorm
+from .numerics import Numerics
+from .params import ModelWeights, load_weights
+from .rope import Rope
+from .weights import Checkpoint
+
+
+def make_backend(name: str, num: Numerics):
+    if name == "ref":
+        return RefBackend(num)
+    if name == "fast":
+        from .kernels.backend import FastBackend   # noqa: PLC0415 (numba import is slow)
+        return FastBackend(num)
+    raise DsvError(f"unknown backend '{name}' (choose 'ref' or 'fast')")
+
+
+class Model:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, num: Numerics, backend):
+        self.cfg, self.w, self.num, self.be = cfg, weights, num, backend
+        self.ropes = tuple(Rope.for_layer(cfg, layer) for layer in range(cfg.n_total_layers))
+
+    @classmethod
+    def load(cls, model_dir: str | Path, numerics: Numerics | None = None,
+             backend: str = "ref", with_mtp: bool = True) -> "Model":
+        num = numerics or Numerics()
+        cfg = ModelConfig.load(model_dir)
+        ckpt = Checkpoint(model_dir)
+        return cls(cfg, load_weights(ckpt, cfg, with_mtp=with_mtp), num, make_backend(backend, num))
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.cfg, self.num, capacity)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [S] -> hc copies of the embedding [S, hc, d] (float32 of bf16 values)."""
+        e = as_f32(self.w.embed[ids])                                          # [S, d]
+        return np.repeat(e[:, None, :], self.cfg.hc_mult, axis=1)              # [S, hc, d]
+
+    def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Run tokens `ids` at positions cache.pos ... and return float32 logits [S, vocab]
+        (or [1, vocab] for the last position)."""
+        cfg, num, be = self.cfg, self.num, self.be
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise DsvError("forward() needs at least one token")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise DsvError(f"token id outside the vocabulary [0, {cfg.vocab_size})")
+        cache.check_room(ids.size)
+        p0 = cache.pos
+
+        X = self.embed(ids)                                                    # [S, hc, d]
+        for blk, lc, rope in zip(self.w.blocks, cache.layers, self.ropes):
+            X = block_forward(cfg, blk, X, ids, p0, lc, rope, num, be)         # [S, hc, d]
+        cache.pos = p0 + ids.size
+        cache.last_hidden = X[-1]                                              # [hc, d] (MTP input)
+
+        if last_only:
+            X = X[-1:]
+        y = hc_head(X, self.w.hc_head, cfg.hc_eps, cfg.norm_eps, num)          # [S, d]
+        y = num.bf16(rmsnorm(y, self.w.norm, cfg.norm_eps))
+        return be.logits(y, self.w.head)                                       # [S, V]

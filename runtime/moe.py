@@ -1,0 +1,42 @@
+"""Mixture of experts: the router (selection) and the call into the expert math.
+
+Score-routed layers pick the top-k of sqrt(softplus(x Wg^T)) + bias (bias for selection
+only); hash layers take the experts of the token id from tid2eid. Routing weights are the
+unbiased scores of the chosen experts, renormalised to sum 1, times route_scale.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+from .nn import F32, sigmoid, softmax, softplus, topk_desc
+from .numerics import Numerics
+from .params import MoEW
+
+
+def scores(cfg: ModelConfig, logits: np.ndarray) -> np.ndarray:
+    if cfg.score_func == "softmax":
+        return softmax(logits)
+    if cfg.score_func == "sigmoid":
+        return sigmoid(logits)
+    return np.sqrt(softplus(logits)).astype(F32)
+
+
+def route(cfg: ModelConfig, w: MoEW, x: np.ndarray, ids: np.ndarray, be):
+    """x [S, d], token ids [S] -> (expert ids [S, k], weights [S, k] float32)."""
+    sc = scores(cfg, be.dense(x, w.gate))                                  # [S, E] fp32
+    if w.tid2eid is not None:
+        idx = np.asarray(w.tid2eid[ids], dtype=np.int64)                   # [S, k]
+    else:
+        idx = topk_desc(sc + w.bias, cfg.n_activated_experts)              # [S, k]
+    wts = np.take_along_axis(sc, idx, axis=1)                              # [S, k]
+    if cfg.score_func != "softmax":
+        wts = (wts / wts.astype(np.float64).sum(axis=1, keepdims=True)).astype(F32)
+    return idx, (wts * F32(cfg.route_scale)).astype(F32)
+
+
+def moe(cfg: ModelConfig, w: MoEW, x: np.ndarray, ids: np.ndarray, num: Numerics, be) -> np.ndarray:
+    """x [S, d] (bf16 values after ffn_norm) -> [S, d]."""
+    idx, wts = route(cfg, w, x, ids, be)
+    shared_limit = cfg.swiglu_limit if num.shared_clamp else 0.0
+    return num.bf16(be.moe_experts(x, idx, wts, w, cfg.swiglu_limit, shared_limit))
