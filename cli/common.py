@@ -1,0 +1,69 @@
+"""Options and helpers shared by the verbs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from dsv4.runtime.numerics import Numerics
+
+
+def model_option(f):
+    return click.option("--model", "-m", "model", required=True, metavar="DIR|PRESET",
+                        help="Checkpoint folder (official HF layout), or a preset name "
+                             "(tiny, small) whose random-weight checkpoint is made once and "
+                             "cached under $DSV4_HOME or ~/.cache/dsv4.")(f)
+
+
+def runtime_options(f):
+    opts = [
+        click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
+                     help="Worker threads (default: all available cores)."),
+        click.option("--backend", type=click.Choice(["fast", "ref"]), default="ref",
+                     show_default=True,
+                     help="fast: Numba/llvmlite kernels; ref: the plain NumPy reference."),
+        click.option("--exact", is_flag=True,
+                     help="Exact-math mode: no FP8/FP4/bf16 rounding steps, float32 caches "
+                          "(for comparing implementations)."),
+        click.option("--revision", type=click.Choice(["current", "initial"]), default="current",
+                     show_default=True,
+                     help="Official numerics revision: 'initial' = no FP8 rounding of cached "
+                          "KV and no clamp on the shared expert."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def numerics_from(exact: bool, revision: str) -> Numerics:
+    return Numerics.from_revision(revision, exact=exact)
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set OpenMP variables (before Numba starts) and the BLAS / Numba pools."""
+    from dsv4.runtime.threads import available_cores, openmp_env, set_threads  # noqa: PLC0415
+    n = min(threads or available_cores(), available_cores())
+    for k, v in openmp_env(n).items():
+        os.environ.setdefault(k, v)
+    return set_threads(n)
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json, if any."""
+    path = model_dir / "generation_config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    if isinstance(data.get("temperature"), (int, float)):
+        out["temperature"] = float(data["temperature"])
+    if isinstance(data.get("top_p"), (int, float)):
+        out["top_p"] = float(data["top_p"])
+    if isinstance(data.get("top_k"), int):
+        out["top_k"] = data["top_k"]
+    if data.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out

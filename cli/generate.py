@@ -1,0 +1,77 @@
+"""`dsv4 generate`: stream a completion of a raw prompt (BOS added) to the terminal."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .common import (configure_threads, generation_defaults, model_option, numerics_from,
+                     runtime_options)
+
+
+@click.command()
+@model_option
+@click.option("--prompt", "-p", default=None,
+              help="Prompt text; read from stdin when omitted (raw text, BOS is added).")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Most tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Sampling temperature; 0 = greedy (default: the checkpoint's "
+                   "generation_config.json, else 0.6).")
+@click.option("--top-k", type=click.IntRange(min=0), default=None,
+              help="Keep the k most likely tokens (0 = off).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Nucleus sampling: keep the smallest set with this probability mass.")
+@click.option("--greedy", is_flag=True, help="Same as --temperature 0.")
+@click.option("--seed", type=int, default=None, help="Random seed (runs repeat exactly).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--ctx", type=click.IntRange(min=1), default=None,
+              help="Context length to allocate (default: prompt + --max-tokens).")
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Prompt tokens per forward pass.")
+@click.option("--quiet", "-q", is_flag=True, help="No statistics line at the end.")
+@runtime_options
+def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed, stop, ctx,
+             prefill_chunk, quiet, threads, backend, exact, revision):
+    """Generate text from a raw prompt and stream it to stdout.
+
+    Statistics (prompt and generation tokens/s) go to stderr.
+    """
+    from dsv4.runtime.errors import DsvError  # noqa: PLC0415
+    from dsv4.runtime.generate import GenerationConfig, GenerationStats  # noqa: PLC0415
+    from dsv4.runtime.generate import generate as run  # noqa: PLC0415
+    from dsv4.runtime.model import Model  # noqa: PLC0415
+    from dsv4.runtime.model_store import resolve_model  # noqa: PLC0415
+    from dsv4.runtime.sampler import SamplingParams  # noqa: PLC0415
+    from dsv4.runtime.tokenizer import Tokenizer  # noqa: PLC0415
+
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise DsvError("no prompt: pass --prompt TEXT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    configure_threads(threads)
+    folder = resolve_model(model, progress=sys.stderr.isatty())
+    m = Model.load(folder, numerics_from(exact, revision), backend=backend)
+    tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)
+
+    defaults = {"temperature": 0.6, **generation_defaults(folder)}
+    sampling = SamplingParams(
+        temperature=0.0 if greedy else (temperature if temperature is not None
+                                        else defaults["temperature"]),
+        top_k=top_k if top_k is not None else defaults.get("top_k", 0),
+        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0))
+    ids = tok.encode(prompt, add_bos=True)
+    capacity = ctx or len(ids) + max_tokens
+    if len(ids) > capacity:
+        raise DsvError(f"the prompt has {len(ids)} tokens, more than --ctx {capacity}")
+    gen = GenerationConfig(max_tokens=max_tokens, sampling=sampling, seed=seed, stop=tuple(stop),
+                           prefill_chunk=prefill_chunk)
+    stats = GenerationStats()
+    cache = m.new_cache(capacity)
+    for piece in run(m, tok, ids, gen, cache=cache, stats=stats):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not quiet:
+        click.echo(stats.summary(), err=True)
