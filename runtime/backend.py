@@ -69,10 +69,15 @@ class RefBackend:
             out[s0:s0 + QUERY_CHUNK] = np.einsum("shk,skd->shd", e / z, keys).astype(F32)
         return out
 
-    def index_scores(self, qi: np.ndarray, wt: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """Lightning-indexer scores: qi [S, Ih, Id], wt [S, Ih], keys [T, Id] ->
-        [S, T] = sum_h wt_h * relu(qi_h . k_t). Default mode rounds like the model's bf16
-        einsum: each dot, each weighted term and the head sum to bf16."""
+    def read_kv(self, store, rows: np.ndarray) -> np.ndarray:
+        """Cached vectors at `rows` of a KV store, decoded to float32 [n, D]."""
+        return store.read(rows)
+
+    def index_scores(self, qi: np.ndarray, wt: np.ndarray, store, T: int) -> np.ndarray:
+        """Lightning-indexer scores over the first T keys of `store`: qi [S, Ih, Id],
+        wt [S, Ih] -> [S, T] = sum_h wt_h * relu(qi_h . k_t). Default mode rounds like the
+        model's bf16 einsum: each dot, each weighted term and the head sum to bf16."""
+        keys = store.read(slice(0, T))                                      # [T, Id]
         dots = np.einsum("shd,td->sht", qi.astype(np.float64), keys.astype(np.float64))
         dots = self.num.bf16(dots.astype(F32))
         terms = self.num.bf16((np.maximum(dots, 0) * wt[:, :, None]).astype(F32))

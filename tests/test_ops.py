@@ -10,7 +10,7 @@ from dsv4.runtime.attention.indexer import select
 from dsv4.runtime.backend import RefBackend
 from dsv4.runtime.config import ModelConfig
 from dsv4.runtime.hc import HcParams, hc_head, hc_post, hc_pre, sinkhorn
-from dsv4.runtime.kv_cache import CompressorState
+from dsv4.runtime.kv_cache import CompressorState, F32Store
 from dsv4.runtime.nn import hadamard_matrix, hadamard_rotate, softplus, topk_desc
 from dsv4.runtime.numerics import Numerics
 from dsv4.runtime.params import CompressorW
@@ -201,7 +201,9 @@ def test_index_scores_relu_weighted_sum(rng):
     qi = rng.standard_normal((2, 3, 8)).astype(np.float32)
     wt = rng.standard_normal((2, 3)).astype(np.float32)
     keys = rng.standard_normal((4, 8)).astype(np.float32)
-    got = be.index_scores(qi, wt, keys)
+    store = F32Store(6, 8)
+    store.write(slice(0, 4), keys)
+    got = be.index_scores(qi, wt, store, 4)
     for s in range(2):
         for t in range(4):
             want = sum(wt[s, h] * max(0.0, float(qi[s, h] @ keys[t])) for h in range(3))

@@ -65,23 +65,24 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
     q, qr = query(cfg, w, x, pos, rope, num, be)                       # [S, H, D], [S, Lq]
     kv = window_kv(cfg, w, x, pos, rope, num, be)                      # [S, D]
 
-    # keys = [earlier window tokens from the ring | this chunk | compressed entries]
+    # keys = [earlier window tokens from the ring | this chunk | compressed entries used]
     n_prev = min(p0, win - 1)
     ring_rows = np.arange(p0 - n_prev, p0) % win
-    keys = [lc.ring.read(ring_rows), kv]
+    keys = [be.read_kv(lc.ring, ring_rows), kv]
     idx = window_index(pos, p0 - n_prev, win)                          # [S, w]
     if m > 0:
         sel = None
         if w.indexer is not None:
             sel = indexer_select(cfg, w.indexer, lc, x, qr, p0, rope, num, be)   # [S, k]
         update_compressed(cfg, w, lc, x, p0, rope, num)
-        T = (p0 + S) // m
         if sel is None:                                                # HCA: all visible
-            t = np.arange(T)[None, :]
+            t = np.arange((p0 + S) // m)[None, :]
             sel = np.where(t < ((pos + 1) // m)[:, None], t, -1)
-        base = n_prev + S
-        idx = np.concatenate([idx, np.where(sel >= 0, sel + base, -1)], axis=1)
-        keys.append(lc.comp.read(slice(0, T)))
+        used, local = np.unique(sel, return_inverse=True)              # entry ids, -1 first
+        local = local.reshape(sel.shape) - (1 if used.size and used[0] < 0 else 0)
+        used = used[used >= 0]
+        idx = np.concatenate([idx, np.where(sel >= 0, local + n_prev + S, -1)], axis=1)
+        keys.append(be.read_kv(lc.comp, used))
     tail = pos[-min(S, win):]
     lc.ring.write(tail % win, kv[-tail.size:])
 

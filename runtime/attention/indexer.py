@@ -69,5 +69,5 @@ def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray,
     if T == 0:
         return np.zeros((x.shape[0], 0), np.int64)
     wt = head_weights(cfg, w, x, num, be)                                       # [S, Ih]
-    scores = be.index_scores(qi, wt, lc.index_keys.read(slice(0, T)))           # [S, T]
+    scores = be.index_scores(qi, wt, lc.index_keys, T)                          # [S, T]
     return select(scores, positions, 4, cfg.index_topk)
