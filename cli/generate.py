@@ -30,12 +30,29 @@ from .common import (configure_threads, generation_defaults, model_option, numer
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
               help="Prompt tokens per forward pass.")
 @click.option("--quiet", "-q", is_flag=True, help="No statistics line at the end.")
+@click.option("--chat", is_flag=True,
+              help="Chat in the V4 prompt format (interactive when stdin is a terminal).")
+@click.option("--system", default=None, help="With --chat: the system prompt.")
+@click.option("--thinking/--no-thinking", default=False, show_default=True,
+              help="With --chat: thinking mode (reasoning first, shown apart) or chat mode.")
+@click.option("--reasoning-effort", type=click.Choice(["high", "max"]), default=None,
+              help="With --chat --thinking: 'max' adds the maximum-effort preamble.")
+@click.option("--messages", "messages_file", type=click.Path(dir_okay=False), default=None,
+              help="With --chat: a JSON file with an OpenAI-style message list (or "
+                   "{\"messages\": [...], \"tools\": [...]}) to continue.")
+@click.option("--interactive", "-i", is_flag=True,
+              help="With --chat: read user turns from stdin line by line even when it is "
+                   "not a terminal.")
 @runtime_options
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed, stop, ctx,
-             prefill_chunk, quiet, threads, backend, exact, revision):
+             prefill_chunk, quiet, chat, system, thinking, reasoning_effort, messages_file,
+             interactive, threads, backend, exact, revision):
     """Generate text from a raw prompt and stream it to stdout.
 
-    Statistics (prompt and generation tokens/s) go to stderr.
+    With --chat, the prompt is a user message in the V4 chat format; reasoning (thinking
+    mode) is shown apart from the answer and tool calls are printed as JSON. Without
+    --prompt or --messages, a terminal on stdin starts an interactive chat (/reset,
+    /exit). Statistics (prompt and generation tokens/s) go to stderr.
     """
     from dsv4.runtime.errors import DsvError  # noqa: PLC0415
     from dsv4.runtime.generate import GenerationConfig, GenerationStats  # noqa: PLC0415
@@ -45,7 +62,15 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     from dsv4.runtime.sampler import SamplingParams  # noqa: PLC0415
     from dsv4.runtime.tokenizer import Tokenizer  # noqa: PLC0415
 
-    if prompt is None:
+    chat_only = {"--system": system, "--thinking": thinking or None,
+                 "--reasoning-effort": reasoning_effort, "--messages": messages_file,
+                 "--interactive": interactive or None}
+    if not chat and any(v is not None for v in chat_only.values()):
+        used = [k for k, v in chat_only.items() if v is not None]
+        raise DsvError(f"{', '.join(used)} needs --chat")
+    interactive = interactive or (chat and prompt is None and messages_file is None
+                                  and sys.stdin.isatty())
+    if prompt is None and not interactive and not messages_file:
         if sys.stdin.isatty():
             raise DsvError("no prompt: pass --prompt TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
@@ -60,12 +85,25 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
                                         else defaults["temperature"]),
         top_k=top_k if top_k is not None else defaults.get("top_k", 0),
         top_p=top_p if top_p is not None else defaults.get("top_p", 1.0))
+    gen = GenerationConfig(max_tokens=max_tokens, sampling=sampling, seed=seed, stop=tuple(stop),
+                           prefill_chunk=prefill_chunk)
+    if chat:
+        from .chat import interactive as chat_loop, run_turn  # noqa: PLC0415
+        from dsv4.runtime.chat_session import ChatOptions, ChatSession, load_messages  # noqa: PLC0415
+        msgs, tools = load_messages(messages_file) if messages_file else ([], None)
+        session = ChatSession(m, tok, gen, ChatOptions(thinking, reasoning_effort, tools, ctx),
+                              messages=msgs, system=system)
+        if prompt is not None:
+            session.messages.append({"role": "user", "content": prompt})
+        if session.messages and session.messages[-1].get("role") != "assistant":
+            run_turn(session, quiet)
+        if interactive:
+            chat_loop(session, quiet)
+        return
     ids = tok.encode(prompt, add_bos=True)
     capacity = ctx or len(ids) + max_tokens
     if len(ids) > capacity:
         raise DsvError(f"the prompt has {len(ids)} tokens, more than --ctx {capacity}")
-    gen = GenerationConfig(max_tokens=max_tokens, sampling=sampling, seed=seed, stop=tuple(stop),
-                           prefill_chunk=prefill_chunk)
     stats = GenerationStats()
     cache = m.new_cache(capacity)
     for piece in run(m, tok, ids, gen, cache=cache, stats=stats):

@@ -1,0 +1,157 @@
+"""The `dsv4` command in a subprocess: smoke tests and bad input (one line, non-zero exit)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dsv4.runtime.st_writer import write_safetensors
+from dsv4.runtime.weights import Checkpoint
+
+
+def dsv4(*args, stdin=None, env=None, timeout=300):
+    e = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dsv4.cli.main", *args], input=stdin,
+                          capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def one_line_error(r, *needles):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dsv4: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+@pytest.fixture
+def copy_of(tiny_dir, tmp_path):
+    def make(name="bad"):
+        dst = tmp_path / name
+        shutil.copytree(tiny_dir, dst)
+        return dst
+    return make
+
+
+def test_make_model_info_generate(tmp_path):
+    folder = tmp_path / "m"
+    r = dsv4("make-model", str(folder), "--preset", "tiny", "--layers", "3", "--experts", "4",
+             "--shard-size", "1")
+    assert r.returncode == 0, r.stderr
+    assert "3 layers, 4 experts" in r.stdout
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and len(cfg["compress_ratios"]) == 4
+    r = dsv4("info", "-m", str(folder), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["layers"] == {"SWA": 1, "CSA": 1, "HCA": 1, "hash": 2, "mtp": 1}
+    assert set(rep["bytes_by_dtype"]) == {"BF16", "F32", "F8_E4M3", "F8_E8M0", "I8", "I64"}
+    r = dsv4("generate", "-m", str(folder), "-p", "Hello", "-n", "8", "--seed", "1",
+             "--temperature", "0.8", "--backend", "ref")
+    assert r.returncode == 0, r.stderr
+    assert "prompt:" in r.stderr and "tok/s" in r.stderr
+    again = dsv4("generate", "-m", str(folder), "-p", "Hello", "-n", "8", "--seed", "1",
+                 "--temperature", "0.8", "--backend", "ref")
+    assert again.stdout == r.stdout
+
+
+def test_info_of_a_preset():
+    r = dsv4("info", "--preset", "flash")
+    assert r.returncode == 0 and "11.217 GB" in r.stdout and "43 layers" in r.stdout
+
+
+def test_generate_from_stdin(tiny_dir):
+    r = dsv4("generate", "-m", str(tiny_dir), "-n", "4", "--greedy", "-q", stdin="Some text")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["generate", "-m", "/no/such/folder", "-p", "x"], ["/no/such/folder", "not a preset"]),
+    (["make-model", "{tmp}/x", "--preset", "tiny", "--layers", "0"], ["--layers"]),
+])
+def test_simple_errors(args, needles, tmp_path):
+    r = dsv4(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    if "make-model" in args:   # click validates the range: usage error, exit 2
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+    else:
+        one_line_error(r, *needles)
+
+
+def test_invalid_flags_are_usage_errors(tiny_dir):
+    for flag in (["--temperature", "-1"], ["--top-p", "2"], ["--max-tokens", "x"],
+                 ["--backend", "gpu"]):
+        r = dsv4("generate", "-m", str(tiny_dir), "-p", "x", *flag)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (flag, r.stderr)
+    r = dsv4("make-model", "/tmp/x", "--preset", "huge")
+    assert r.returncode == 2 and "huge" in r.stderr
+
+
+def test_prompt_longer_than_context(tiny_dir):
+    one_line_error(dsv4("generate", "-m", str(tiny_dir), "-p", "many words " * 20, "--ctx", "5"),
+                   "more than --ctx 5")
+
+
+def test_config_errors(copy_of):
+    folder = copy_of()
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    one_line_error(dsv4("generate", "-m", str(folder), "-p", "x"), "hidden_size", "config.json")
+    cfg["hidden_size"] = 256
+    cfg["compress_ratios"] = cfg["compress_ratios"][:-2]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    one_line_error(dsv4("generate", "-m", str(folder), "-p", "x"), "compress_ratios")
+    (folder / "config.json").write_text("{not json")
+    one_line_error(dsv4("info", "-m", str(folder)), "not valid JSON")
+
+
+def _rewrite_shard(folder, change):
+    """Rewrite the shard holding layers.1.attn.wkv.weight with `change(tensors)` applied."""
+    ck = Checkpoint(folder)
+    name = "layers.1.attn.wkv.weight"
+    shard = ck.info(name).file
+    tensors = {n: (ck.info(n).dtype, ck.tensor(n).copy()) for n in ck.names()
+               if ck.info(n).file == shard}
+    change(tensors, name)
+    del ck
+    write_safetensors(shard, tensors)
+
+
+def test_tensor_missing_wrong_shape_wrong_dtype(copy_of):
+    f1 = copy_of("missing")
+    index = json.loads((f1 / "model.safetensors.index.json").read_text())
+    _rewrite_shard(f1, lambda t, n: t.pop(n))
+    del index["weight_map"]["layers.1.attn.wkv.weight"]
+    (f1 / "model.safetensors.index.json").write_text(json.dumps(index))
+    one_line_error(dsv4("generate", "-m", str(f1), "-p", "x"), "layers.1.attn.wkv.weight",
+                   "missing")
+    f2 = copy_of("shape")
+    _rewrite_shard(f2, lambda t, n: t.__setitem__(n, (t[n][0], t[n][1][:64].copy())))
+    one_line_error(dsv4("generate", "-m", str(f2), "-p", "x"), "layers.1.attn.wkv.weight",
+                   "shape")
+    f3 = copy_of("dtype")
+    _rewrite_shard(f3, lambda t, n: t.__setitem__(n, ("I8", t[n][1].view("int8"))))
+    one_line_error(dsv4("generate", "-m", str(f3), "-p", "x"), "dtype I8")
+
+
+def test_truncated_and_corrupt_shards(copy_of):
+    f1 = copy_of("trunc")
+    shard = sorted(f1.glob("model-*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    one_line_error(dsv4("generate", "-m", str(f1), "-p", "x"), shard.name)
+    f2 = copy_of("corrupt")
+    shard = sorted(f2.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:20] = b"#garbage####"
+    shard.write_bytes(bytes(data))
+    one_line_error(dsv4("generate", "-m", str(f2), "-p", "x"), shard.name)
+
+
+def test_debug_shows_traceback():
+    r = dsv4("--debug", "generate", "-m", "/no/such/folder", "-p", "x")
+    assert r.returncode != 0 and "Traceback" in r.stderr
