@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .nn import F32, matmul_t, rms_scale, sigmoid
+from .nn import F32, rms_scale, sigmoid
 from .numerics import Numerics
 
 
@@ -21,10 +21,10 @@ class HcParams:
     scale: np.ndarray   # f32 [3] (or [1] for hc_head)
 
 
-def _mixes(X: np.ndarray, p: HcParams, eps: float) -> np.ndarray:
+def _mixes(X: np.ndarray, p: HcParams, eps: float, be) -> np.ndarray:
     """(fn . flatten(X)) * rms^-1 for X [S, hc, d] -> [S, mix]."""
     z = X.reshape(X.shape[0], -1)                       # [S, hc*d], copy-major
-    return (matmul_t(z, p.fn) * rms_scale(z, eps)).astype(F32)
+    return (be.dense(z, p.fn) * rms_scale(z, eps)).astype(F32)
 
 
 def sinkhorn(c: np.ndarray, iters: int, eps: float) -> np.ndarray:
@@ -40,9 +40,9 @@ def sinkhorn(c: np.ndarray, iters: int, eps: float) -> np.ndarray:
 
 
 def hc_pre(X: np.ndarray, p: HcParams, hc: int, iters: int, hc_eps: float, norm_eps: float,
-           num: Numerics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           num: Numerics, be) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """X [S, hc, d] -> (x [S, d], post [S, hc], comb [S, hc, hc])."""
-    mix = _mixes(X, p, norm_eps)                                              # [S, mix]
+    mix = _mixes(X, p, norm_eps, be)                                             # [S, mix]
     pre = sigmoid(mix[:, :hc] * p.scale[0] + p.base[:hc]) + F32(hc_eps)         # [S, hc]
     post = F32(2) * sigmoid(mix[:, hc:2 * hc] * p.scale[1] + p.base[hc:2 * hc])  # [S, hc]
     comb = (mix[:, 2 * hc:].reshape(-1, hc, hc) * p.scale[2]
@@ -61,9 +61,9 @@ def hc_post(a: np.ndarray, X: np.ndarray, post: np.ndarray, comb: np.ndarray,
 
 
 def hc_head(X: np.ndarray, p: HcParams, hc_eps: float, norm_eps: float,
-            num: Numerics) -> np.ndarray:
+            num: Numerics, be) -> np.ndarray:
     """Final mix of the hc copies: X [S, hc, d] -> [S, d]."""
-    mix = _mixes(X, p, norm_eps)                                              # [S, hc]
+    mix = _mixes(X, p, norm_eps, be)                                              # [S, hc]
     w = sigmoid(mix * p.scale[0] + p.base) + F32(hc_eps)                      # [S, hc]
     y = np.einsum("sh,shd->sd", w.astype(np.float64), X.astype(np.float64)).astype(F32)
     return num.bf16(y)

@@ -78,6 +78,6 @@ class Model:
 
         if last_only:
             X = X[-1:]
-        y = hc_head(X, self.w.hc_head, cfg.hc_eps, cfg.norm_eps, num)          # [S, d]
+        y = hc_head(X, self.w.hc_head, cfg.hc_eps, cfg.norm_eps, num, be)        # [S, d]
         y = num.bf16(rmsnorm(y, self.w.norm, cfg.norm_eps))
         return be.logits(y, self.w.head)                                       # [S, V]

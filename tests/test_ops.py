@@ -81,7 +81,7 @@ def test_hc_post_uses_columns_and_hc_pre_weights(rng):
             np.testing.assert_allclose(y[s, k], want, rtol=1e-5, atol=1e-6)
     p = HcParams(rng.standard_normal((24, hc * d)).astype(np.float32) * 0.1,
                  rng.standard_normal(24).astype(np.float32), np.array([1, 1, 1], np.float32))
-    x, post2, comb2 = hc_pre(X, p, hc, 20, 1e-6, 1e-6, EXACT)
+    x, post2, comb2 = hc_pre(X, p, hc, 20, 1e-6, 1e-6, EXACT, RefBackend(EXACT))
     z = X.reshape(S, -1).astype(np.float64)
     mix = (z @ p.fn.T.astype(np.float64)) / np.sqrt((z ** 2).mean(-1, keepdims=True) + 1e-6)
     pre = 1 / (1 + np.exp(-(mix[:, :4] + p.base[:4]))) + 1e-6
@@ -89,7 +89,7 @@ def test_hc_post_uses_columns_and_hc_pre_weights(rng):
     np.testing.assert_allclose(post2, 2 / (1 + np.exp(-(mix[:, 4:8] + p.base[4:8]))), rtol=1e-5)
     ph = HcParams(p.fn[:4], p.base[:4], np.array([0.5], np.float32))
     w = 1 / (1 + np.exp(-(mix[:, :4] * 0.5 + p.base[:4]))) + 1e-6
-    np.testing.assert_allclose(hc_head(X, ph, 1e-6, 1e-6, EXACT), np.einsum("sh,shd->sd", w, X),
+    np.testing.assert_allclose(hc_head(X, ph, 1e-6, 1e-6, EXACT, RefBackend(EXACT)), np.einsum("sh,shd->sd", w, X),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -142,7 +142,7 @@ def test_compressor_matches_direct_blocks_for_any_chunking(rng, m):
     S = 3 * m + m // 2 + 1
     x = rng.standard_normal((S, 16)).astype(np.float32)
     st = CompressorState(m, w.ape.shape[1], w.overlap)
-    first, one_shot = comp.advance(w, st, x, 0)
+    first, one_shot = comp.advance(w, st, x, 0, RefBackend(EXACT))
     assert first == 0 and one_shot.shape[0] == S // m
     for b in range(S // m):
         np.testing.assert_allclose(one_shot[b], _direct_pool(w, x, b), rtol=1e-5, atol=1e-6)
@@ -152,7 +152,7 @@ def test_compressor_matches_direct_blocks_for_any_chunking(rng, m):
         size = min(size, S - p)
         if size <= 0:
             break
-        f, e = comp.advance(w, st2, x[p:p + size], p)
+        f, e = comp.advance(w, st2, x[p:p + size], p, RefBackend(EXACT))
         assert f == p // m
         got.append(e)
         p += size

@@ -40,9 +40,9 @@ def window_kv(cfg: ModelConfig, w: AttnW, x: np.ndarray, pos: np.ndarray, rope: 
 
 
 def update_compressed(cfg: ModelConfig, w: AttnW, lc: LayerCache, x: np.ndarray, p0: int,
-                      rope: Rope, num: Numerics) -> None:
+                      rope: Rope, num: Numerics, be) -> None:
     """Advance the attention compressor by the chunk and store completed entries."""
-    first, raw = compressor.advance(w.compressor, lc.comp_state, x, p0)
+    first, raw = compressor.advance(w.compressor, lc.comp_state, x, p0, be)
     if raw.shape[0]:
         kv = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, num)
         kv[:, :cfg.nope_dim] = num.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
@@ -74,7 +74,7 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
         sel = None
         if w.indexer is not None:
             sel = indexer_select(cfg, w.indexer, lc, x, qr, p0, rope, num, be)   # [S, k]
-        update_compressed(cfg, w, lc, x, p0, rope, num)
+        update_compressed(cfg, w, lc, x, p0, rope, num, be)
         if sel is None:                                                # HCA: all visible
             t = np.arange((p0 + S) // m)[None, :]
             sel = np.where(t < ((pos + 1) // m)[:, None], t, -1)

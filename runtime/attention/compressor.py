@@ -15,17 +15,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..kv_cache import CompressorState
-from ..linear import as_f32
-from ..nn import F32, matmul_t, rmsnorm
+from ..nn import F32, rmsnorm
 from ..numerics import Numerics
 from ..params import CompressorW
 from ..rope import Rope
 
 
-def project(w: CompressorW, x: np.ndarray, positions: np.ndarray):
+def project(w: CompressorW, x: np.ndarray, positions: np.ndarray, be):
     """x [S, d] -> (u [S, c*Dc], score [S, c*Dc]) in float32 (weights used as float32)."""
-    u = matmul_t(x, as_f32(w.wkv))
-    score = matmul_t(x, as_f32(w.wgate)) + w.ape[positions % w.ratio]
+    u = be.dense(x, w.wkv)
+    score = be.dense(x, w.wgate) + w.ape[positions % w.ratio]
     return u, score.astype(F32)
 
 
@@ -37,12 +36,12 @@ def pool(kv: np.ndarray, score: np.ndarray) -> np.ndarray:
     return (np.sum(e * kv, axis=-2) / np.sum(e, axis=-2)).astype(F32)
 
 
-def advance(w: CompressorW, st: CompressorState, x: np.ndarray, p0: int):
+def advance(w: CompressorW, st: CompressorState, x: np.ndarray, p0: int, be):
     """Feed tokens p0 .. p0+S-1; return (first entry index, raw pooled entries [n, Dc])."""
     S = x.shape[0]
     m, dc = w.ratio, w.head_dim
     positions = np.arange(p0, p0 + S)
-    u, score = project(w, x, positions)
+    u, score = project(w, x, positions, be)
     # rows of the unfinished block that precede this chunk, then the chunk's rows
     r0 = p0 % m
     kv_all = np.concatenate([st.kv[:r0], u])              # [r0 + S, c*Dc]

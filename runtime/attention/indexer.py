@@ -34,9 +34,9 @@ def head_weights(cfg: ModelConfig, w: IndexerW, x: np.ndarray, num: Numerics, be
 
 
 def update_keys(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray, p0: int,
-                rope: Rope, num: Numerics) -> None:
+                rope: Rope, num: Numerics, be) -> None:
     """Advance the indexer's compressor by the chunk and store completed keys."""
-    first, raw = compressor.advance(w.compressor, lc.index_state, x, p0)
+    first, raw = compressor.advance(w.compressor, lc.index_state, x, p0, be)
     if raw.shape[0]:
         k = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, num)
         k = num.fp4(num.bf16(hadamard_rotate(k)), INDEX_FP4_BLOCK)
@@ -64,7 +64,7 @@ def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray,
     """Advance the indexer keys by the chunk, then pick each query's compressed entries."""
     positions = np.arange(p0, p0 + x.shape[0])
     qi = index_queries(cfg, w, qr, positions, rope, num, be)                   # [S, Ih, Id]
-    update_keys(cfg, w, lc, x, p0, rope, num)
+    update_keys(cfg, w, lc, x, p0, rope, num, be)
     T = (p0 + x.shape[0]) // 4
     if T == 0:
         return np.zeros((x.shape[0], 0), np.int64)
