@@ -106,9 +106,14 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
         raise DsvError(f"the prompt has {len(ids)} tokens, more than --ctx {capacity}")
     stats = GenerationStats()
     cache = m.new_cache(capacity)
-    for piece in run(m, tok, ids, gen, cache=cache, stats=stats):
+    from tqdm import tqdm  # noqa: PLC0415
+    bar = tqdm(total=len(ids), unit="tok", desc="prefill", leave=False,
+               disable=not sys.stderr.isatty() or len(ids) <= prefill_chunk)
+    for piece in run(m, tok, ids, gen, cache=cache, stats=stats, on_prefill=bar.update):
+        bar.close()
         sys.stdout.write(piece)
         sys.stdout.flush()
+    bar.close()
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not quiet:

@@ -8,6 +8,7 @@ not FP8-rounded, keeps bf16 (`Bf16Store`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,6 +169,10 @@ class KVCache:
             lc.index_keys = key_store(num, self.capacity // 4, cfg.index_head_dim)
             lc.index_state = CompressorState(4, 2 * cfg.index_head_dim, True)
         return lc
+
+    def clone(self) -> "KVCache":
+        """An independent copy of the whole state (e.g. to reuse a filled context)."""
+        return copy.deepcopy(self)
 
     def check_room(self, n_new: int) -> None:
         if self.pos + n_new > self.capacity:

@@ -46,6 +46,17 @@ def test_chunked_and_decode_equal_one_shot(request, exact, which):
     assert np.isfinite(one).all() and one.std() > 0.1
 
 
+def test_cloned_cache_continues_identically(tiny_dir):
+    model = Model.load(tiny_dir)
+    ids = np.random.default_rng(2).integers(0, 1000, 60)
+    cache = model.new_cache(80)
+    model.forward(ids[:50], cache)
+    twin = cache.clone()
+    a = model.forward(ids[50:], cache)
+    b = model.forward(ids[50:], twin)
+    assert np.array_equal(a, b) and twin.pos == cache.pos == 60
+
+
 def test_last_only_matches_all_positions(tiny_dir):
     model = Model.load(tiny_dir)
     ids = np.arange(40) * 7 % model.cfg.vocab_size
