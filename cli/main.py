@@ -54,7 +54,8 @@ def cli(ctx: click.Context, debug: bool):
 
 
 def _register():
-    from . import generate, info, make_model  # noqa: PLC0415
+    from . import bench, generate, info, make_model  # noqa: PLC0415
+    cli.add_command(bench.bench)
     cli.add_command(generate.generate)
     cli.add_command(make_model.make_model)
     cli.add_command(info.info)

@@ -38,8 +38,10 @@ def make_backend(name: str, num: Numerics):
 
 
 class Model:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, num: Numerics, backend):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, num: Numerics, backend,
+                 ckpt: Checkpoint | None = None):
         self.cfg, self.w, self.num, self.be = cfg, weights, num, backend
+        self.ckpt = ckpt
         self.ropes = tuple(Rope.for_layer(cfg, layer) for layer in range(cfg.n_total_layers))
 
     @classmethod
@@ -48,7 +50,12 @@ class Model:
         num = numerics or Numerics()
         cfg = ModelConfig.load(model_dir)
         ckpt = Checkpoint(model_dir)
-        return cls(cfg, load_weights(ckpt, cfg, with_mtp=with_mtp), num, make_backend(backend, num))
+        weights = load_weights(ckpt, cfg, with_mtp=with_mtp)
+        be = make_backend(backend, num)
+        model = cls(cfg, weights, num, be, ckpt)
+        if hasattr(be, "prepare"):          # fast kernels build their address tables once
+            be.prepare(model)
+        return model
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.cfg, self.num, capacity)

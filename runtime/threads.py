@@ -5,12 +5,16 @@ for the same cores cost far more than they give, so both follow one `threads` se
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from .errors import DsvError
 
 
+@functools.lru_cache(maxsize=1)
 def available_cores() -> int:
+    """CPUs this process may use, read once: after Numba's OpenMP pool starts with
+    OMP_PROC_BIND, the main thread's own affinity shrinks to one core."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -1,0 +1,123 @@
+"""`dsv4 bench`: llama-bench style pp/tg table with ceilings measured in the same run."""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+
+import click
+
+from .common import configure_threads, model_option, numerics_from
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}",
+                                 param_hint=name) from None
+    if not vals or min(vals) < 0:
+        raise click.BadParameter(f"expected non-negative integers, got {text!r}", param_hint=name)
+    return vals
+
+
+def machine_description() -> dict:
+    import llvmlite  # noqa: PLC0415
+    import numba  # noqa: PLC0415
+    import numpy  # noqa: PLC0415
+    import psutil  # noqa: PLC0415
+    model = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from llvmlite import binding as llvm  # noqa: PLC0415
+    feats = llvm.get_host_cpu_features()
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avx512bf16",
+                        "amx-bf16") if feats.get(f)]
+    return {"cpu": model, "cores": psutil.cpu_count(logical=False),
+            "logical_cpus": psutil.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "simd": simd, "python": platform.python_version(), "numpy": numpy.__version__,
+            "numba": numba.__version__, "llvmlite": llvmlite.__version__}
+
+
+@click.command()
+@model_option
+@click.option("-p", "prompts", default="512", show_default=True,
+              help="Prompt lengths to time (comma-separated); 0 skips pp.")
+@click.option("-n", "gens", default="128", show_default=True,
+              help="Generation lengths to time (comma-separated); 0 skips tg.")
+@click.option("-r", "repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Repetitions per test (mean ± sd).")
+@click.option("-t", "threads", default=None, help="Thread counts to sweep (comma-separated; "
+              "default: all available cores).")
+@click.option("--depth", "depths", default="0", show_default=True,
+              help="Context depths to run the tests at (comma-separated), e.g. 0,4096,32768.")
+@click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast", show_default=True)
+@click.option("--exact", is_flag=True, help="Exact-math mode (no rounding steps).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--record", type=click.Path(dir_okay=False), default=None,
+              help="Also write a markdown record (machine, command, table) to this file.")
+def bench(model, prompts, gens, repeats, threads, depths, backend, exact, as_json, record):
+    """Measure prompt processing (pp) and generation (tg) speed.
+
+    tg rows report bytes read per decoded token (weights actually touched plus KV), the
+    effective GB/s and its ratio to the read bandwidth measured with the same thread count
+    just before and after; pp rows report matmul FLOPs per token and the ratio to numpy's
+    float32 GEMM rate measured in the same run. Pages are faulted in first; JIT time apart.
+    """
+    import numba  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from dsv4.runtime.benchmark import fill_context, format_table, pp_row, tg_row  # noqa: PLC0415
+    from dsv4.runtime.model import Model  # noqa: PLC0415
+    from dsv4.runtime.model_store import resolve_model  # noqa: PLC0415
+    from dsv4.runtime.threads import available_cores, set_threads  # noqa: PLC0415
+
+    pp, tg, ds = _ints(prompts, "-p"), _ints(gens, "-n"), _ints(depths, "--depth")
+    ts = _ints(threads, "-t") if threads else [available_cores()]
+    if min(ts) < 1:
+        raise click.BadParameter("thread counts must be >= 1", param_hint="-t")
+    configure_threads(max(ts))
+    folder = resolve_model(model)
+    t0 = time.perf_counter()
+    m = Model.load(folder, numerics_from(exact, "current"), backend=backend)
+    click.echo(f"faulting in {m.ckpt.total_bytes() / 1e9:.2f} GB of weights...", err=True)
+    m.ckpt.prefault()
+    from dsv4.runtime.kernels.membw import BandwidthProbe  # noqa: PLC0415
+    probe = BandwidthProbe()
+    t1 = time.perf_counter()
+    warm = m.new_cache(16)
+    m.forward(np.arange(1, 9), warm)
+    m.forward([5], warm)
+    jit_s = time.perf_counter() - t1
+    click.echo(f"load {t1 - t0:.2f} s, first calls (JIT) {jit_s:.2f} s", err=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in ts:
+        set_threads(t)
+        for d in ds:
+            base = fill_context(m, d, d + max(pp + tg) + 1, rng)
+            for n in (x for x in pp if x):
+                rows.append(pp_row(m, base, n, repeats, numba.get_num_threads(), rng))
+                click.echo(format_table(rows[-1:], jit_s).splitlines()[2], err=True)
+            for n in (x for x in tg if x):
+                rows.append(tg_row(m, base, n, repeats, numba.get_num_threads(), probe, m.ckpt))
+                click.echo(format_table(rows[-1:], jit_s).splitlines()[2], err=True)
+    table = format_table(rows, jit_s)
+    if as_json:
+        click.echo(json.dumps({"machine": machine_description(), "jit_s": jit_s,
+                               "rows": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        click.echo(table)
+    if record:
+        cmd = "dsv4 " + " ".join(sys.argv[1:])
+        mach = machine_description()
+        with open(record, "w") as f:
+            f.write(f"# dsv4 bench\n\ncommand: `{cmd}`\n\nmachine: `{json.dumps(mach)}`\n\n")
+            f.write(f"model: {folder} ({m.ckpt.total_bytes() / 1e9:.2f} GB), backend {backend}, "
+                    f"{m.num.describe()}\n\n```\n{table}\n```\n")

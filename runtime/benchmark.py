@@ -1,0 +1,178 @@
+"""`dsv4 bench`: prompt processing (pp) and token generation (tg) speed, as ratios to ceilings
+measured in the same run — memory read bandwidth for tg, numpy's float32 GEMM rate for pp.
+
+Per row: tokens/s mean and sd over repeats; for tg the bytes one decode step reads (weights
+actually touched plus KV) and the effective GB/s; for pp the matmul FLOPs per token and the
+effective GFLOP/s. Pages are faulted in before timing; JIT time is reported apart.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .footprint import bytes_per_token
+from .kv_plan import entry_bytes, key_bytes
+from .model import Model
+from .tensor_spec import all_specs
+
+
+@dataclass
+class BenchRow:
+    test: str                 # "pp512" / "tg128"
+    depth: int
+    threads: int
+    tps_mean: float
+    tps_sd: float
+    work_per_token: float     # bytes (tg) or FLOPs (pp)
+    rate: float               # GB/s (tg) or GFLOP/s (pp) achieved
+    ceiling: float            # GB/s read bandwidth (tg) or numpy sgemm GFLOP/s (pp)
+    ceiling_after: float
+    ratio: float
+    ttft_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def matmul_flops_per_token(cfg: ModelConfig, keys_per_layer: list[float],
+                           index_keys_per_layer: list[float]) -> float:
+    """FLOPs of every matmul one token costs: linears (k of E experts), router, compressor,
+    indexer and hyper-connection projections, head, plus attention scores/values and
+    indexer scoring for the given key counts."""
+    k_over_e = cfg.n_activated_experts / cfg.n_routed_experts
+    total = 0.0
+    for spec in all_specs(cfg, include_mtp=False):
+        if spec.name == "embed.weight" or spec.kind not in ("linear", "expert", "dense", "f32"):
+            continue
+        if spec.kind == "f32" and not spec.name.endswith("_fn"):
+            continue
+        flops = 2.0 * float(np.prod(spec.shape))
+        total += flops * (k_over_e if spec.kind == "expert" else 1.0)
+    for layer in range(cfg.n_layers):
+        total += 4.0 * cfg.n_heads * cfg.head_dim * keys_per_layer[layer]
+        total += 2.0 * cfg.index_n_heads * cfg.index_head_dim * index_keys_per_layer[layer]
+    return total
+
+
+def attention_keys(cfg: ModelConfig, pos: int) -> tuple[list[float], list[float]]:
+    """Keys attended and indexer keys scanned per layer by a query at position `pos`."""
+    keys, scanned = [], []
+    for layer in range(cfg.n_layers):
+        m = cfg.ratio(layer)
+        n = min(pos + 1, cfg.window)
+        t = (pos + 1) // m if m else 0
+        if m == 4:
+            n += min(cfg.index_topk, t)
+        elif m:
+            n += t
+        keys.append(n)
+        scanned.append(t if m == 4 else 0)
+    return keys, scanned
+
+
+def kv_bytes_read(cfg: ModelConfig, pos: int, storage: str) -> float:
+    keys, scanned = attention_keys(cfg, pos)
+    e = entry_bytes(cfg.head_dim, cfg.rope_dim, storage)
+    k = key_bytes(cfg.index_head_dim, storage)
+    return sum(n * e for n in keys) + sum(t * k for t in scanned)
+
+
+def sgemm_gflops(m: int = 512, k: int = 4096, n: int = 2048, repeats: int = 3) -> float:
+    a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    arr = np.asarray(xs, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def fill_context(model: Model, depth: int, capacity: int, rng, chunk: int = 512):
+    cache = model.new_cache(capacity)
+    ids = rng.integers(0, model.cfg.vocab_size, depth)
+    for s in range(0, depth, chunk):
+        model.forward(ids[s:s + chunk], cache, last_only=True)
+    return cache
+
+
+def bench_pp(model: Model, base, n: int, repeats: int, rng) -> tuple[list[float], float]:
+    """Prefill n tokens after the context in `base`; returns (seconds per repeat, ttft)."""
+    times = []
+    for _ in range(repeats):
+        cache = base.clone()
+        ids = rng.integers(0, model.cfg.vocab_size, n)
+        t = time.perf_counter()
+        logits = model.forward(ids, cache, last_only=True)
+        int(np.argmax(logits[-1]))
+        times.append(time.perf_counter() - t)
+    return times, min(times)
+
+
+def bench_tg(model: Model, base, n: int, repeats: int) -> list[float]:
+    """Greedy-decode n tokens after the context in `base`; seconds per repeat."""
+    times = []
+    for _ in range(repeats):
+        cache = base.clone()
+        tok = 1 + cache.pos % (model.cfg.vocab_size - 1)
+        t = time.perf_counter()
+        for _ in range(n):
+            tok = int(np.argmax(model.forward([tok], cache, last_only=True)[-1]))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def tg_row(model: Model, base, n: int, repeats: int, threads: int, probe, ckpt) -> BenchRow:
+    cfg = model.cfg
+    bw0 = probe.measure()
+    times = bench_tg(model, base, n, repeats)
+    bw1 = probe.measure()
+    tps = [n / t for t in times]
+    mean, sd = _stats(tps)
+    weights = sum(bytes_per_token(cfg, ckpt).values())
+    kv = np.mean([kv_bytes_read(cfg, base.pos + i, model.num.kv_storage) for i in range(n)])
+    per_token = weights + kv
+    rate = per_token * mean / 1e9
+    ceiling = (bw0 + bw1) / 2
+    return BenchRow(f"tg{n}", base.pos, threads, mean, sd, per_token, rate, bw0, bw1,
+                    rate / ceiling)
+
+
+def pp_row(model: Model, base, n: int, repeats: int, threads: int, rng) -> BenchRow:
+    cfg = model.cfg
+    g0 = sgemm_gflops()
+    times, ttft = bench_pp(model, base, n, repeats, rng)
+    g1 = sgemm_gflops()
+    tps = [n / t for t in times]
+    mean, sd = _stats(tps)
+    flops = np.mean([matmul_flops_per_token(cfg, *attention_keys(cfg, base.pos + i))
+                     for i in range(0, n, max(1, n // 16))])
+    rate = flops * mean / 1e9
+    return BenchRow(f"pp{n}", base.pos, threads, mean, sd, flops, rate, g0, g1,
+                    rate / ((g0 + g1) / 2), ttft_s=ttft)
+
+
+def format_table(rows: list[BenchRow], jit_s: float) -> str:
+    head = (f"{'test':>8} {'depth':>6} {'thr':>3} {'tok/s':>16} {'per token':>11} "
+            f"{'achieved':>12} {'ceiling':>17} {'ratio':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        tg = r.test.startswith("tg")
+        per = f"{r.work_per_token / 1e9:.3f} {'GB' if tg else 'GF'}"
+        unit = "GB/s" if tg else "GF/s"
+        lines.append(f"{r.test:>8} {r.depth:>6} {r.threads:>3} "
+                     f"{r.tps_mean:>8.2f} ± {r.tps_sd:<5.2f} {per:>11} "
+                     f"{r.rate:>7.2f} {unit} {r.ceiling:>6.1f}/{r.ceiling_after:<5.1f}{unit} "
+                     f"{100 * r.ratio:>5.1f}%")
+    lines.append(f"JIT / kernel compile and first call: {jit_s:.2f} s "
+                 "(ceilings: tg = read bandwidth before/after, pp = numpy sgemm before/after)")
+    return "\n".join(lines)
