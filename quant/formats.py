@@ -121,7 +121,14 @@ def fp4_unpack(packed: np.ndarray) -> np.ndarray:
 
 def bf16_round(x: np.ndarray) -> np.ndarray:
     """Round float32 values to the nearest bfloat16 (ties to even); returns float32."""
-    return bf16_to_f32(f32_to_bf16(x))
+    f = np.array(x, dtype=np.float32, order="C", copy=True)
+    u = f.view(np.uint32)
+    nan = np.isnan(f)
+    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    u &= np.uint32(0xFFFF0000)
+    if nan.any():
+        f[nan] = np.nan
+    return f
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:

@@ -11,10 +11,12 @@ import numpy as np
 
 from dsv4.quant.blocks import act_quant_values
 
+from . import hc
 from .linear import LinearW, as_f32
-from .nn import F32, matmul_t, silu
+from .nn import F32, hadamard_rotate, matmul_t, rms_scale, rmsnorm, silu
 from .numerics import Numerics
 from .params import ExpertW, MoEW
+from .rope import Rope
 
 ROW_CHUNK = 8192          # rows of a weight dequantized at a time (bounds memory)
 QUERY_CHUNK = 64          # queries per block in the reference attention
@@ -25,6 +27,44 @@ class RefBackend:
 
     def __init__(self, num: Numerics):
         self.num = num
+
+    # ------------------------------------------------------------ small operations
+    # Each returns float32 values rounded to bf16 where the model rounds (default mode).
+    def hc_pre(self, X, p: hc.HcParams, hc_mult: int, iters: int, hc_eps: float, norm_eps: float):
+        """Hyper-connection input mix: X [S, hc, d] -> (x [S, d], post [S, hc], comb)."""
+        return hc.hc_pre(X, p, hc_mult, iters, hc_eps, norm_eps, self.num, self)
+
+    def hc_post(self, a, X, post, comb):
+        """Write a sublayer output back into the hc copies -> X' [S, hc, d]."""
+        return hc.hc_post(a, X, post, comb, self.num)
+
+    def hc_head(self, X, p: hc.HcParams, hc_eps: float, norm_eps: float):
+        return hc.hc_head(X, p, hc_eps, norm_eps, self.num, self)
+
+    def rmsnorm(self, x, weight, eps: float, round_input: bool = False):
+        """RMSNorm of the last axis; `round_input` rounds x to bf16 first (a bf16 linear
+        output feeding the norm)."""
+        num = self.num
+        return num.bf16(rmsnorm(num.bf16(x) if round_input else x, weight, eps))
+
+    def head_norm(self, q, eps: float):
+        """q [S, H, D] divided by each head's rms (no weight)."""
+        return self.num.bf16(q * rms_scale(q, eps))
+
+    def rope(self, x, positions, rope: Rope, inverse: bool = False):
+        """Rotate the last rope dims of x [S, ..., D] at `positions`; all dims rounded."""
+        return self.num.bf16(rope.apply(x, positions, inverse))
+
+    def hadamard(self, x):
+        return self.num.bf16(hadamard_rotate(x))
+
+    def kv_fp8(self, x, block: int):
+        """FP8 round trip of cached KV nope dims (identity in exact mode / initial revision)."""
+        return self.num.kv_fp8(x, block)
+
+    def fp4(self, x, block: int):
+        """FP4 round trip of indexer queries and keys (identity in exact mode)."""
+        return self.num.fp4(x, block)
 
     # ------------------------------------------------------------ linears
     def linear(self, x: np.ndarray, w: LinearW, quantize_input: bool = True) -> np.ndarray:
@@ -82,6 +122,12 @@ class RefBackend:
         dots = self.num.bf16(dots.astype(F32))
         terms = self.num.bf16((np.maximum(dots, 0) * wt[:, :, None]).astype(F32))
         return self.num.bf16(terms.astype(np.float64).sum(axis=1).astype(F32))
+
+    def select_topk(self, scores: np.ndarray, positions: np.ndarray, ratio: int,
+                    topk: int) -> np.ndarray:
+        """Indexer selection (see attention.indexer.select): entry ids [S, k], -1 = none."""
+        from .attention.indexer import select  # noqa: PLC0415
+        return select(scores, positions, ratio, topk)
 
     # ------------------------------------------------------------ MoE
     def expert(self, x: np.ndarray, w: ExpertW, limit: float,

@@ -5,10 +5,8 @@ import numpy as np
 
 from .attention.attention import attention
 from .config import ModelConfig
-from .hc import hc_post, hc_pre
 from .kv_cache import LayerCache
 from .moe import moe
-from .nn import rmsnorm
 from .numerics import Numerics
 from .params import BlockW
 from .rope import Rope
@@ -18,12 +16,12 @@ def block_forward(cfg: ModelConfig, w: BlockW, X: np.ndarray, ids: np.ndarray, p
                   lc: LayerCache, rope: Rope, num: Numerics, be) -> np.ndarray:
     """X [S, hc, d] residual copies -> X' [S, hc, d]; advances the layer cache."""
     hc = (cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
-    x, post, comb = hc_pre(X, w.hc_attn, *hc, num, be)                       # [S, d]
-    x = num.bf16(rmsnorm(x, w.attn_norm, cfg.norm_eps))
+    x, post, comb = be.hc_pre(X, w.hc_attn, *hc)                           # [S, d]
+    x = be.rmsnorm(x, w.attn_norm, cfg.norm_eps)
     a = attention(cfg, w.layer, w.attn, x, p0, lc, rope, num, be)         # [S, d]
-    X = hc_post(a, X, post, comb, num)                                     # [S, hc, d]
+    X = be.hc_post(a, X, post, comb)                                       # [S, hc, d]
 
-    x, post, comb = hc_pre(X, w.hc_ffn, *hc, num, be)
-    x = num.bf16(rmsnorm(x, w.ffn_norm, cfg.norm_eps))
+    x, post, comb = be.hc_pre(X, w.hc_ffn, *hc)
+    x = be.rmsnorm(x, w.ffn_norm, cfg.norm_eps)
     f = moe(cfg, w.ffn, x, ids, num, be)                                   # [S, d]
-    return hc_post(f, X, post, comb, num)
+    return be.hc_post(f, X, post, comb)

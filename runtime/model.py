@@ -18,10 +18,8 @@ from .backend import RefBackend
 from .block import block_forward
 from .config import ModelConfig
 from .errors import DsvError
-from .hc import hc_head
 from .kv_cache import KVCache
 from .linear import as_f32
-from .nn import rmsnorm
 from .numerics import Numerics
 from .params import ModelWeights, load_weights
 from .rope import Rope
@@ -85,6 +83,6 @@ class Model:
 
         if last_only:
             X = X[-1:]
-        y = hc_head(X, self.w.hc_head, cfg.hc_eps, cfg.norm_eps, num, be)        # [S, d]
-        y = num.bf16(rmsnorm(y, self.w.norm, cfg.norm_eps))
+        y = be.hc_head(X, self.w.hc_head, cfg.hc_eps, cfg.norm_eps)            # [S, d]
+        y = be.rmsnorm(y, self.w.norm, cfg.norm_eps)
         return be.logits(y, self.w.head)                                       # [S, V]

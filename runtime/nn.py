@@ -5,6 +5,8 @@ float32 result whether it is computed alone (decode) or inside a batch (prefill)
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 F32 = np.float32
@@ -48,20 +50,23 @@ def matmul_t(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.matmul(x.astype(np.float64), w.astype(np.float64).T).astype(F32)
 
 
+@functools.lru_cache(maxsize=8)
 def hadamard_matrix(n: int) -> np.ndarray:
-    """Sylvester Hadamard matrix of order n (a power of two), natural order, float64."""
+    """Sylvester Hadamard matrix of order n (a power of two), natural order, float64
+    (read-only, built once per order)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard order must be a power of two, got {n}")
     h = np.ones((1, 1))
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
+    h.setflags(write=False)
     return h
 
 
 def hadamard_rotate(x: np.ndarray) -> np.ndarray:
     """(x @ H_n) / sqrt(n) along the last axis (n = x.shape[-1])."""
     n = x.shape[-1]
-    return (x.astype(np.float64) @ hadamard_matrix(n) * n ** -0.5).astype(F32)
+    return (x.astype(np.float64) @ (hadamard_matrix(n) * n ** -0.5)).astype(F32)
 
 
 def topk_desc(scores: np.ndarray, k: int) -> np.ndarray:

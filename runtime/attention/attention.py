@@ -12,7 +12,6 @@ import numpy as np
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..kv_cache import LayerCache
-from ..nn import rms_scale, rmsnorm
 from ..numerics import Numerics
 from ..params import AttnW
 from ..rope import Rope
@@ -24,18 +23,18 @@ def query(cfg: ModelConfig, w: AttnW, x: np.ndarray, pos: np.ndarray, rope: Rope
           num: Numerics, be) -> tuple[np.ndarray, np.ndarray]:
     """x [S, d] -> (q [S, H, D] normalised per head and rotated, qr [S, Lq])."""
     S = x.shape[0]
-    qr = num.bf16(rmsnorm(num.bf16(be.linear(x, w.wq_a)), w.q_norm, cfg.norm_eps))   # [S, Lq]
+    qr = be.rmsnorm(be.linear(x, w.wq_a), w.q_norm, cfg.norm_eps, round_input=True)  # [S, Lq]
     q = num.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.n_heads, cfg.head_dim)       # [S, H, D]
-    q = num.bf16(q * rms_scale(q, cfg.norm_eps))
-    return num.bf16(rope.apply(q, pos)), qr
+    q = be.head_norm(q, cfg.norm_eps)
+    return be.rope(q, pos, rope), qr
 
 
 def window_kv(cfg: ModelConfig, w: AttnW, x: np.ndarray, pos: np.ndarray, rope: Rope,
               num: Numerics, be) -> np.ndarray:
     """x [S, d] -> kv [S, D]: normalised, rope dims rotated, nope dims FP8-rounded."""
-    kv = num.bf16(rmsnorm(num.bf16(be.linear(x, w.wkv)), w.kv_norm, cfg.norm_eps))   # [S, D]
-    kv = num.bf16(rope.apply(kv, pos))
-    kv[:, :cfg.nope_dim] = num.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
+    kv = be.rmsnorm(be.linear(x, w.wkv), w.kv_norm, cfg.norm_eps, round_input=True)   # [S, D]
+    kv = be.rope(kv[:, None], pos, rope)[:, 0]
+    kv[:, :cfg.nope_dim] = be.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
     return kv
 
 
@@ -44,8 +43,8 @@ def update_compressed(cfg: ModelConfig, w: AttnW, lc: LayerCache, x: np.ndarray,
     """Advance the attention compressor by the chunk and store completed entries."""
     first, raw = compressor.advance(w.compressor, lc.comp_state, x, p0, be)
     if raw.shape[0]:
-        kv = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, num)
-        kv[:, :cfg.nope_dim] = num.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
+        kv = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, be)
+        kv[:, :cfg.nope_dim] = be.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
         lc.comp.write(slice(first, first + kv.shape[0]), kv)
         lc.n_comp = first + kv.shape[0]
 
@@ -87,7 +86,7 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
     lc.ring.write(tail % win, kv[-tail.size:])
 
     o = be.sparse_attn(q, np.concatenate(keys), idx, w.sink, cfg.head_dim ** -0.5)
-    o = num.bf16(rope.apply(num.bf16(o), pos, inverse=True))          # [S, H, D]
+    o = be.rope(num.bf16(o), pos, rope, inverse=True)                 # [S, H, D]
 
     og = o.reshape(S, cfg.o_groups, -1)                               # [S, G, H*D/G]
     z = num.bf16(be.grouped_linear(og, w.wo_a).reshape(S, -1))         # [S, G*Lo]

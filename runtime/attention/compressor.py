@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..kv_cache import CompressorState
-from ..nn import F32, rmsnorm
-from ..numerics import Numerics
+from ..nn import F32
 from ..params import CompressorW
 from ..rope import Rope
 
@@ -74,10 +73,10 @@ def advance(w: CompressorW, st: CompressorState, x: np.ndarray, p0: int, be):
 
 
 def finish_entries(w: CompressorW, entries: np.ndarray, first: int, rope: Rope,
-                   eps: float, num: Numerics) -> np.ndarray:
+                   eps: float, be) -> np.ndarray:
     """Norm and RoPE (at each block's first position) of pooled entries [n, Dc]."""
     if entries.shape[0] == 0:
         return entries
-    kv = num.bf16(rmsnorm(num.bf16(entries), w.norm, eps))            # [n, Dc]
+    kv = be.rmsnorm(entries, w.norm, eps, round_input=True)            # [n, Dc]
     positions = (first + np.arange(entries.shape[0])) * w.ratio
-    return num.bf16(rope.apply(kv, positions))
+    return be.rope(kv[:, None], positions, rope)[:, 0]

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..config import INDEX_FP4_BLOCK, ModelConfig
 from ..kv_cache import LayerCache
-from ..nn import F32, hadamard_rotate, topk_desc
+from ..nn import F32, topk_desc
 from ..numerics import Numerics
 from ..params import IndexerW
 from ..rope import Rope
@@ -22,9 +22,8 @@ def index_queries(cfg: ModelConfig, w: IndexerW, qr: np.ndarray, positions: np.n
     """qr [S, Lq] -> indexer queries [S, Ih, Id] (rotated, FP4-rounded)."""
     S = qr.shape[0]
     qi = num.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.index_n_heads, cfg.index_head_dim)
-    qi = num.bf16(rope.apply(qi, positions))
-    qi = num.bf16(hadamard_rotate(qi))
-    return num.fp4(qi, INDEX_FP4_BLOCK)
+    qi = be.hadamard(be.rope(qi, positions, rope))
+    return be.fp4(qi, INDEX_FP4_BLOCK)
 
 
 def head_weights(cfg: ModelConfig, w: IndexerW, x: np.ndarray, num: Numerics, be) -> np.ndarray:
@@ -38,8 +37,8 @@ def update_keys(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray, p0
     """Advance the indexer's compressor by the chunk and store completed keys."""
     first, raw = compressor.advance(w.compressor, lc.index_state, x, p0, be)
     if raw.shape[0]:
-        k = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, num)
-        k = num.fp4(num.bf16(hadamard_rotate(k)), INDEX_FP4_BLOCK)
+        k = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, be)
+        k = be.fp4(be.hadamard(k), INDEX_FP4_BLOCK)
         lc.index_keys.write(slice(first, first + k.shape[0]), k)
 
 
@@ -70,4 +69,4 @@ def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray,
         return np.zeros((x.shape[0], 0), np.int64)
     wt = head_weights(cfg, w, x, num, be)                                       # [S, Ih]
     scores = be.index_scores(qi, wt, lc.index_keys, T)                          # [S, T]
-    return select(scores, positions, 4, cfg.index_topk)
+    return be.select_topk(scores, positions, 4, cfg.index_topk)

@@ -1,0 +1,306 @@
+"""The fast backend: same methods and semantics as RefBackend, computed by SIMD kernels.
+
+Decode-sized calls (a few rows) run the matrix-vector kernels of gemv.py on the weights'
+on-disk formats, many matrices per parallel region; prefill-sized calls dequantize weight
+rows into a float32 scratch buffer and multiply with BLAS sgemm. Attention-side work uses
+attn.py. Results equal the reference's to float32 accumulation rounding; in exact mode the
+two backends agree to float32 noise end to end.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import RefBackend
+from ..linear import LinearW
+from ..nn import F32, silu
+from ..numerics import Numerics
+from ..params import MoEW
+from . import attn, gemv, glue
+from .actq import act_quant_values
+from .dequant import dequant_rows
+
+GEMV_MAX_ROWS = 8                 # up to this many rows per call: gemv kernels, else sgemm
+SCRATCH_BYTES = 64 << 20          # float32 weight rows dequantized per sgemm step
+
+
+def _fmt_of(w) -> str:
+    if isinstance(w, LinearW):
+        if w.fmt in ("fp8", "fp4"):
+            return w.fmt
+        w = w.weight
+    return "bf16" if w.dtype == np.uint16 else "f32"
+
+
+def _raw(w):
+    return w.weight.view(np.uint8) if isinstance(w, LinearW) and w.fmt == "fp4" else (
+        w.weight if isinstance(w, LinearW) else w)
+
+
+def _key(w) -> int:
+    """Identity of a weight: its stored array (views made on the fly would differ)."""
+    return id(w.weight) if isinstance(w, LinearW) else id(w)
+
+
+class FastBackend(RefBackend):
+    name = "fast"
+
+    def __init__(self, num: Numerics):
+        super().__init__(num)
+        self.k = gemv.kernels()
+        self.where: dict[int, tuple[str, int]] = {}    # _key(weight) -> (format, table row)
+        self.tables: dict[str, gemv.MatTable] = {}
+        self.groups: dict[int, int] = {}               # _key(wo_a) -> first group row
+
+    # ------------------------------------------------------------ set-up
+    def prepare(self, model) -> None:
+        """Build one address table per weight format over every matrix the model uses."""
+        mats: dict[str, list] = {"fp8": [], "fp4": [], "bf16": [], "f32": []}
+
+        def add(w):
+            if _key(w) in self.where:
+                return
+            fmt = _fmt_of(w)
+            scale = w.scale if isinstance(w, LinearW) else None
+            self.where[_key(w)] = (fmt, len(mats[fmt]))
+            mats[fmt].append((_raw(w), scale))
+
+        W = model.w
+        blocks = list(W.blocks) + [m.block for m in W.mtp]
+        for b in blocks:
+            a = b.attn
+            for w in (a.wq_a, a.wq_b, a.wkv, a.wo_b, b.ffn.gate, b.hc_attn.fn, b.hc_ffn.fn):
+                add(w)
+            self._add_groups(a.wo_a, model.cfg.o_groups, mats)
+            for c in (a.compressor, a.indexer.compressor if a.indexer else None):
+                if c is not None:
+                    add(c.wkv)
+                    add(c.wgate)
+            if a.indexer is not None:
+                add(a.indexer.wq_b)
+                add(a.indexer.weights_proj)
+            for e in list(b.ffn.experts) + [b.ffn.shared]:
+                for w in (e.w1, e.w2, e.w3):
+                    add(w)
+        for w in (W.head, W.hc_head.fn):
+            add(w)
+        block = model.cfg.weight_block
+        for fmt, items in mats.items():
+            if items:
+                scales = [s for _, s in items] if fmt in ("fp8", "fp4") else None
+                self.tables[fmt] = gemv.MatTable(fmt, [w for w, _ in items], scales, block)
+
+    def _add_groups(self, w: LinearW, G: int, mats) -> None:
+        """wo_a as G matrices of L rows each (gemv per group), when the rows split on tiles."""
+        L = w.out_features // G
+        if w.fmt == "fp8" and L % w.block[0]:
+            return                                         # falls back to the reference
+        fmt = _fmt_of(w)
+        raw = _raw(w)
+        self.groups[_key(w)] = len(mats[fmt])
+        for g in range(G):
+            rows = slice(g * L, (g + 1) * L)
+            s = w.scale[g * L // w.block[0]:(g + 1) * L // w.block[0]] if w.fmt == "fp8" else None
+            mats[fmt].append((raw[rows], s))
+
+    # ------------------------------------------------------------ helpers
+    def _quantized_input(self, x: np.ndarray, w, quantize_input: bool) -> np.ndarray:
+        if isinstance(w, LinearW) and w.quantized and quantize_input and self.num.quantize_activations:
+            return act_quant_values(x, w.block[1])
+        return np.ascontiguousarray(x, dtype=F32)
+
+    def _gemv_rows(self, x2: np.ndarray, w) -> np.ndarray | None:
+        """x2 [S, K] times one table matrix -> [S, O], or None if the matrix is unknown."""
+        loc = self.where.get(_key(w))
+        if loc is None:
+            return None
+        fmt, idx = loc
+        table = self.tables[fmt]
+        xp = self.k.prepare_x(fmt, x2, table.block[1])
+        S = x2.shape[0]
+        y = self.k.gemv_batch(table, np.full(S, idx, np.int64), xp, np.arange(S))
+        return y.reshape(S, -1)
+
+    def _sgemm(self, x2: np.ndarray, w) -> np.ndarray:
+        """x2 [S, K] @ W^T by dequantizing row blocks of W into float32 scratch (BLAS)."""
+        O = w.out_features if isinstance(w, LinearW) else w.shape[0]
+        K = x2.shape[1]
+        step = max(128, (SCRATCH_BYTES // (4 * K)) // 128 * 128)
+        scratch = np.empty((min(step, O), K), F32)
+        out = np.empty((x2.shape[0], O), F32)
+        for r in range(0, O, step):
+            n = min(step, O - r)
+            np.matmul(x2, dequant_rows(w, r, n, scratch).T, out=out[:, r:r + n])
+        return out
+
+    def _matmul(self, x: np.ndarray, w, quantize_input: bool = True) -> np.ndarray:
+        shape = x.shape
+        x2 = self._quantized_input(x.reshape(-1, shape[-1]), w, quantize_input)
+        y = None
+        if x2.shape[0] <= GEMV_MAX_ROWS:
+            y = self._gemv_rows(x2, w)
+        if y is None:
+            y = self._sgemm(x2, w)
+        return y.reshape(shape[:-1] + (y.shape[-1],))
+
+    # ------------------------------------------------------------ the seam: small ops
+    @property
+    def _rnd(self) -> bool:
+        return not self.num.exact
+
+    def hc_pre(self, X, p, hc_mult, iters, hc_eps, norm_eps):
+        S = X.shape[0]
+        X = np.ascontiguousarray(X, dtype=F32)
+        mix = np.ascontiguousarray(self.dense(X.reshape(S, -1), p.fn))
+        x = np.empty((S, X.shape[2]), F32)
+        post = np.empty((S, hc_mult), F32)
+        comb = np.empty((S, hc_mult, hc_mult), F32)
+        glue.hc_pre_rows(X, mix, p.base, p.scale, iters, hc_eps, norm_eps, self._rnd, x, post, comb)
+        return x, post, comb
+
+    def hc_post(self, a, X, post, comb):
+        out = np.empty(X.shape, F32)
+        glue.hc_post_rows(np.ascontiguousarray(a, dtype=F32), np.ascontiguousarray(X, dtype=F32),
+                          post, comb, self._rnd, out)
+        return out
+
+    def hc_head(self, X, p, hc_eps, norm_eps):
+        S = X.shape[0]
+        X = np.ascontiguousarray(X, dtype=F32)
+        mix = np.ascontiguousarray(self.dense(X.reshape(S, -1), p.fn))
+        out = np.empty((S, X.shape[2]), F32)
+        glue.hc_head_rows(X, mix, p.base, p.scale, hc_eps, norm_eps, self._rnd, out)
+        return out
+
+    def rmsnorm(self, x, weight, eps, round_input=False):
+        x2 = np.ascontiguousarray(x, dtype=F32).reshape(-1, x.shape[-1])
+        out = np.empty_like(x2)
+        glue.rmsnorm_rows(x2, np.ascontiguousarray(weight, dtype=F32), eps,
+                          self._rnd and round_input, self._rnd, out)
+        return out.reshape(x.shape)
+
+    def head_norm(self, q, eps):
+        out = np.array(q, dtype=F32, order="C", copy=True)
+        glue.head_norm_rows(out, eps, self._rnd)
+        return out
+
+    def rope(self, x, positions, rope, inverse=False):
+        out = np.array(x, dtype=F32, order="C", copy=True)
+        cos, sin = rope.cos_sin(positions)
+        glue.rope_rows(out.reshape(x.shape[0], -1, x.shape[-1]), cos, sin, inverse, self._rnd)
+        return out
+
+    def hadamard(self, x):
+        out = np.array(x, dtype=F32, order="C", copy=True)
+        glue.hadamard_rows(out.reshape(-1, x.shape[-1]), self._rnd)
+        return out
+
+    def kv_fp8(self, x, block):
+        if self.num.exact or not self.num.kv_fp8_sim:
+            return x
+        return act_quant_values(x, block)
+
+    def fp4(self, x, block):
+        if self.num.exact:
+            return x
+        out = np.array(x, dtype=F32, order="C", copy=True)
+        glue.q4_rows(out.reshape(-1, x.shape[-1]), block)
+        return out
+
+    # ------------------------------------------------------------ the seam: matmuls
+    def linear(self, x, w: LinearW, quantize_input: bool = True):
+        return self._matmul(x, w, quantize_input)
+
+    def dense(self, x, w):
+        return self._matmul(x, w, False)
+
+    def grouped_linear(self, x, w: LinearW):
+        S, G, K = x.shape
+        first = self.groups.get(_key(w))
+        if first is None or S > GEMV_MAX_ROWS:
+            return super().grouped_linear(x, w) if first is None else self._grouped_sgemm(x, w)
+        fmt = _fmt_of(w)
+        table = self.tables[fmt]
+        x2 = np.ascontiguousarray(x.reshape(S * G, K), dtype=F32)
+        xp = self.k.prepare_x(fmt, x2, table.block[1])
+        mats = np.tile(first + np.arange(G), S)
+        return self.k.gemv_batch(table, mats, xp, np.arange(S * G)).reshape(S, G, -1)
+
+    def _grouped_sgemm(self, x, w: LinearW):
+        S, G, K = x.shape
+        L = w.out_features // G
+        scratch = np.empty((L, K), F32)
+        out = np.empty((S, G, L), F32)
+        for g in range(G):
+            np.matmul(x[:, g], dequant_rows(w, g * L, L, scratch).T, out=out[:, g])
+        return out
+
+    def read_kv(self, store, rows):
+        return attn.read_kv(store, rows)
+
+    def sparse_attn(self, q, kv, idx, sink, scale):
+        return attn.sparse_attn(q, kv, idx, sink, scale)
+
+    def index_scores(self, qi, wt, store, T):
+        return attn.index_scores(qi, wt, store, T, round_bf16=not self.num.exact)
+
+    def select_topk(self, scores, positions, ratio, topk):
+        return attn.select_rows(scores, positions, ratio, topk)
+
+    def moe_experts(self, x, idx, wts, w: MoEW, limit, shared_limit):
+        if x.shape[0] > GEMV_MAX_ROWS or "fp4" not in self.tables:
+            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
+        return self._moe_decode(x, idx, wts, w, limit, shared_limit)
+
+    def _moe_decode(self, x, idx, wts, w: MoEW, limit, shared_limit):
+        """Routed experts of all rows and the shared expert: w1/w3 in one gemv region per
+        weight format, SwiGLU with the routing weight, then w2 likewise."""
+        num = self.num
+        S, k = idx.shape
+        experts = [w.experts[e] for e in idx.reshape(-1)] + [w.shared] * S     # n jobs
+        rows = np.concatenate([np.repeat(np.arange(S), k), np.arange(S)])
+        n = len(experts)
+        xq = self._quantized_input(x, w.shared.w1, True)
+        gate = self._jobs([e.w1 for e in experts], xq, rows)                  # [n, I]
+        up = self._jobs([e.w3 for e in experts], xq, rows)
+        if gate is None or up is None:
+            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
+        g, u = num.bf16(gate), num.bf16(up)
+        lim = np.array([limit] * (S * k) + [shared_limit] * S, F32)
+        on = lim > 0
+        u[on] = np.clip(u[on], -lim[on, None], lim[on, None])
+        g[on] = np.minimum(g[on], lim[on, None])
+        h = silu(g) * u
+        h[:S * k] *= wts.reshape(-1, 1)
+        hq = self._quantized_input(num.bf16(h.astype(F32)), w.shared.w2, True)
+        y = self._jobs([e.w2 for e in experts], hq, np.arange(n))
+        if y is None:
+            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
+        y = num.bf16(y)                                                        # [n, d]
+        routed = y[:S * k].reshape(S, k, -1)
+        out = np.zeros((S, y.shape[1]), F32)
+        order = np.argsort(idx, axis=1, kind="stable")      # the reference adds by expert id
+        for s in range(S):
+            for j in order[s]:
+                out[s] += routed[s, j]
+        return out + y[S * k:]
+
+    def _jobs(self, weights, x2, xrows):
+        """y_j = weights[j] @ x2[xrows[j]] for matrices of any table formats, one parallel
+        region per format -> [n, O] (all outputs of equal length), or None if unknown."""
+        locs = [self.where.get(_key(wj)) for wj in weights]
+        if any(loc is None for loc in locs):
+            return None
+        out = None
+        for fmt in {f for f, _ in locs}:
+            sel = [j for j, (f, _) in enumerate(locs) if f == fmt]
+            table = self.tables[fmt]
+            xp = self.k.prepare_x(fmt, x2, table.block[1])
+            y = self.k.gemv_batch(table, np.array([locs[j][1] for j in sel], np.int64), xp,
+                                  np.asarray(xrows, np.int64)[sel]).reshape(len(sel), -1)
+            if out is None:
+                out = np.empty((len(weights), y.shape[1]), F32)
+            out[sel] = y
+        return out
+
+    def logits(self, y, head):
+        return self._matmul(y, head, False)

@@ -1,0 +1,231 @@
+"""Fused small operations of the forward pass (Numba), one call where NumPy needs dozens.
+
+Each function computes what the reference in hc.py / nn.py / rope.py / quant.blocks does
+for a batch of rows, including the bf16 rounding the model applies when `rnd` is set, in
+float32 with float64 row reductions. Decode runs hundreds of these per token, so fusing
+them keeps the Python glue far below the time spent streaming weights.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .bits import bits_f32, f32_bits
+
+F32 = np.float32
+_OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy", nogil=True)
+
+
+@njit(inline="always")
+def bf16(v):
+    """Round a float32 to the nearest bfloat16 (ties to even); NaN stays NaN."""
+    if v != v:
+        return v
+    u = f32_bits(F32(v))
+    u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits_f32(u)
+
+
+@njit(inline="always")
+def _rnd(v, rnd):
+    return bf16(v) if rnd else F32(v)
+
+
+@njit(inline="always")
+def _sigmoid(v):
+    return F32(1.0 / (1.0 + np.exp(-np.float64(v))))
+
+
+@njit(**_OPTS)
+def hc_pre_rows(X, mix, base, scale, iters, hc_eps, norm_eps, rnd, x_out, post, comb):
+    """X [S, hc, d]; mix [S, M] = fn . flatten(X) (without the rms factor).
+    -> x_out [S, d] = sum_i pre_i X_i, post [S, hc], comb [S, hc, hc] (Sinkhorn)."""
+    S, hc, d = X.shape
+    c = np.empty((hc, hc), np.float32)
+    for s in range(S):
+        ms = 0.0
+        for i in range(hc):
+            for j in range(d):
+                v = np.float64(X[s, i, j])
+                ms += v * v
+        r = F32(1.0 / np.sqrt(np.float64(F32(ms / (hc * d))) + F32(norm_eps)))
+        pre = np.empty(hc, np.float32)
+        for i in range(hc):
+            pre[i] = _sigmoid(mix[s, i] * r * scale[0] + base[i]) + F32(hc_eps)
+            post[s, i] = F32(2.0) * _sigmoid(mix[s, hc + i] * r * scale[1] + base[hc + i])
+        for j in range(hc):
+            mx = -np.inf
+            for k in range(hc):
+                c[j, k] = mix[s, 2 * hc + j * hc + k] * r * scale[2] + base[2 * hc + j * hc + k]
+                mx = max(mx, np.float64(c[j, k]))
+            tot = 0.0
+            for k in range(hc):
+                tot += np.exp(np.float64(c[j, k]) - mx)
+            for k in range(hc):
+                c[j, k] = F32(np.exp(np.float64(c[j, k]) - mx) / tot) + F32(hc_eps)
+        _normalise(c, False, hc_eps)
+        for _ in range(iters - 1):
+            _normalise(c, True, hc_eps)
+            _normalise(c, False, hc_eps)
+        comb[s] = c
+        for j in range(d):
+            acc = 0.0
+            for i in range(hc):
+                acc += np.float64(pre[i]) * np.float64(X[s, i, j])
+            x_out[s, j] = _rnd(acc, rnd)
+
+
+@njit(inline="always")
+def _normalise(c, rows, eps):
+    hc = c.shape[0]
+    for a in range(hc):
+        tot = F32(0)
+        for b in range(hc):
+            tot += c[a, b] if rows else c[b, a]
+        den = tot + F32(eps)
+        for b in range(hc):
+            if rows:
+                c[a, b] = c[a, b] / den
+            else:
+                c[b, a] = c[b, a] / den
+
+
+@njit(**_OPTS)
+def hc_post_rows(a, X, post, comb, rnd, out):
+    """out[s, k] = post[s, k] a[s] + sum_j comb[s, j, k] X[s, j]  (a [S, d], X [S, hc, d])."""
+    S, hc, d = X.shape
+    for s in range(S):
+        for k in range(hc):
+            pk = np.float64(post[s, k])
+            for j in range(d):
+                acc = pk * np.float64(a[s, j])
+                for i in range(hc):
+                    acc += np.float64(comb[s, i, k]) * np.float64(X[s, i, j])
+                out[s, k, j] = _rnd(acc, rnd)
+
+
+@njit(**_OPTS)
+def hc_head_rows(X, mix, base, scale, hc_eps, norm_eps, rnd, out):
+    """Final mix: out [S, d] = sum_i (sigmoid(mix_i r scale + base_i) + eps) X_i."""
+    S, hc, d = X.shape
+    for s in range(S):
+        ms = 0.0
+        for i in range(hc):
+            for j in range(d):
+                v = np.float64(X[s, i, j])
+                ms += v * v
+        r = F32(1.0 / np.sqrt(np.float64(F32(ms / (hc * d))) + F32(norm_eps)))
+        w = np.empty(hc, np.float64)
+        for i in range(hc):
+            w[i] = _sigmoid(mix[s, i] * r * scale[0] + base[i]) + F32(hc_eps)
+        for j in range(d):
+            acc = 0.0
+            for i in range(hc):
+                acc += w[i] * np.float64(X[s, i, j])
+            out[s, j] = _rnd(acc, rnd)
+
+
+@njit(**_OPTS)
+def rmsnorm_rows(x, weight, eps, rnd_in, rnd_out, out):
+    """out = weight * x / rms(x) per row of x [S, n] (optionally bf16 before and after)."""
+    S, n = x.shape
+    for s in range(S):
+        ms = 0.0
+        for j in range(n):
+            v = np.float64(_rnd(x[s, j], rnd_in))
+            ms += v * v
+        r = F32(1.0 / np.sqrt(np.float64(F32(ms / n)) + F32(eps)))
+        for j in range(n):
+            out[s, j] = _rnd(weight[j] * (_rnd(x[s, j], rnd_in) * r), rnd_out)
+
+
+@njit(**_OPTS)
+def head_norm_rows(q, eps, rnd):
+    """In place: each head vector of q [S, H, D] divided by its rms (no weight)."""
+    S, H, D = q.shape
+    for s in range(S):
+        for h in range(H):
+            ms = 0.0
+            for j in range(D):
+                ms += np.float64(q[s, h, j]) * np.float64(q[s, h, j])
+            r = F32(1.0 / np.sqrt(np.float64(F32(ms / D)) + F32(eps)))
+            for j in range(D):
+                q[s, h, j] = _rnd(q[s, h, j] * r, rnd)
+
+
+@njit(**_OPTS)
+def rope_rows(x, cos, sin, inverse, rnd):
+    """In place on the last 2*len(cos[0]) dims of x [S, H, D]: rotate pairs by the angles
+    of row s (cos/sin [S, R/2]); the other dims are only rounded (as the reference does)."""
+    S, H, D = x.shape
+    half = cos.shape[1]
+    base = D - 2 * half
+    for s in range(S):
+        for h in range(H):
+            for j in range(base):
+                x[s, h, j] = _rnd(x[s, h, j], rnd)
+            for i in range(half):
+                c = cos[s, i]
+                sn = -sin[s, i] if inverse else sin[s, i]
+                a = x[s, h, base + 2 * i]
+                b = x[s, h, base + 2 * i + 1]
+                x[s, h, base + 2 * i] = _rnd(a * c - b * sn, rnd)
+                x[s, h, base + 2 * i + 1] = _rnd(a * sn + b * c, rnd)
+
+
+@njit(**_OPTS)
+def hadamard_rows(x, rnd):
+    """In place: (x @ H_n) / sqrt(n) per row of x [R, n] (n a power of two), by the fast
+    Walsh-Hadamard butterflies in float64."""
+    R, n = x.shape
+    buf = np.empty(n, np.float64)
+    scale = 1.0 / np.sqrt(np.float64(n))
+    for r in range(R):
+        for j in range(n):
+            buf[j] = x[r, j]
+        h = 1
+        while h < n:
+            for i in range(0, n, 2 * h):
+                for j in range(i, i + h):
+                    a = buf[j]
+                    b = buf[j + h]
+                    buf[j] = a + b
+                    buf[j + h] = a - b
+            h *= 2
+        for j in range(n):
+            x[r, j] = _rnd(buf[j] * scale, rnd)
+
+
+@njit(inline="always")
+def _e2m1(v):
+    """Round |v| <= 6 to the nearest e2m1 value, ties to the even code."""
+    m = abs(v)
+    if m < 2.0:
+        q = np.rint(m * 2.0) * 0.5               # grid 0, .5, 1, 1.5 (step .5), ties even
+    elif m < 4.0:
+        q = np.rint(m) * 1.0                     # 2, 3 (4 on the tie 3.5)
+    else:
+        q = 4.0 if m <= 5.0 else 6.0             # 5 is a tie between 4 and 6 -> 4
+    return np.copysign(q, v)
+
+
+@njit(**_OPTS)
+def q4_rows(x, block):
+    """In place FP4 round trip: per block, scale 2^ceil(log2(max(amax, 6*2^-126) / 6)),
+    e2m1 round to nearest even, times the scale (x [R, n])."""
+    R, n = x.shape
+    floor = F32(6.0 * 2.0 ** -126)
+    inv6 = F32(1.0 / 6.0)
+    for r in range(R):
+        for b0 in range(0, n, block):
+            b1 = min(n, b0 + block)
+            a = floor
+            for i in range(b0, b1):
+                a = max(a, abs(x[r, i]))
+            mant, e = math.frexp(np.float64(a * inv6))
+            k = e - 1 if mant == 0.5 else e
+            for i in range(b0, b1):
+                v = min(max(np.float64(x[r, i]) * 2.0 ** (-k), -6.0), 6.0)
+                x[r, i] = F32(_e2m1(v) * 2.0 ** k)

@@ -1,0 +1,115 @@
+"""Hand-written LLVM IR kernels, linked into Numba's own code so that they are cached.
+
+The kernel text (ir_avx2.py, ir_avx512.py) is parsed by llvmlite into a Numba code library,
+once per process and ISA, and `ir_rows` (a Numba intrinsic) declares the kernel in the
+calling function's module and links that library in. The IR thus ends up inside the
+caller's object code, which Numba's `cache=True` stores and reloads like any other code:
+a second process neither parses IR nor compiles anything. (Calling an MCJIT function
+through a ctypes pointer would work too, but Numba refuses to cache such callers.)
+
+Every exported kernel has one C signature (`SIGNATURE`) and computes, for `nrows`
+consecutive rows starting at `w`, y[r] = row_r . x (x already prepared for the format).
+Which ISA a caller uses is a compile-time string; a host lacking the ISA's features makes
+that compilation fail (UnsupportedISA), which kernel selection treats as "not available".
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import llvmlite.binding as llb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+from . import ir_avx2, ir_avx512  # noqa: F401 - ir_avx512 pulls in ir_avx512_int
+
+FORMATS = ("fp4", "fp8", "bf16", "f32")
+MODULES = {"avx512": ir_avx512.module, "avx2": ir_avx2.module}
+REQUIRED = {
+    "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512bf16", "avx512vnni", "fma"),
+    "avx2": ("avx2", "fma"),
+}
+SIGNATURE = "(ptr w, ptr s, ptr x, ptr y, i64 nrows, i64 K, i64 nterms, i64 row0, i64 b0, i64 b1, i64 scols)"
+_SOURCES = ("ir.py", "irgen.py", "ir_avx2.py", "ir_avx512.py", "ir_avx512_int.py", "plain.py", "bits.py")
+
+
+class UnsupportedISA(RuntimeError):
+    """The code generator's target lacks features an IR kernel needs."""
+
+
+@functools.cache
+def module_text(isa: str) -> str:
+    return MODULES[isa]()
+
+
+@functools.cache
+def digest() -> str:
+    """Hash of every source compiled into the drivers besides gemv.py itself (Numba's cache
+    only watches the file defining a function): part of each driver's cache key."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _SOURCES:
+        h.update((here / name).read_bytes())
+    h.update((here.parent.parent / "quant" / "formats.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def enabled_features(feature_string: str) -> frozenset[str]:
+    """'+avx2,-avx512f,...' (LLVM feature string) -> {'avx2', ...}."""
+    return frozenset(f[1:] for f in feature_string.split(",") if f.startswith("+"))
+
+
+def missing_features(isa: str, features) -> tuple[str, ...]:
+    return tuple(f for f in REQUIRED[isa] if f not in features)
+
+
+@functools.cache
+def _library(codegen, isa: str):
+    missing = missing_features(isa, enabled_features(codegen._tm_features))
+    if missing:
+        raise UnsupportedISA(f"{isa} kernels need {', '.join(missing)}, absent on this target")
+    lib = codegen.create_library(f"dsv4_ir_{isa}")
+    mod = llb.parse_assembly(module_text(isa))
+    mod.verify()
+    lib.add_llvm_module(mod)
+    lib.finalize()
+    return lib
+
+
+@intrinsic(prefer_literal=True)
+def ir_rows(typingctx, isa, fmt, w, s, x, y, nrows, K, nterms, row0, b0, b1, scols):
+    """ir_rows('avx2', 'fp4', w, s, x, y, nrows, K, nterms, row0, b0, b1, scols): addresses
+    as uint64, the rest int64; isa and fmt must be compile-time string constants."""
+    for name, t, allowed in (("isa", isa, MODULES), ("fmt", fmt, FORMATS)):
+        if not isinstance(t, types.StringLiteral) or t.literal_value not in allowed:
+            raise TypingError(f"ir_rows: {name} must be a string constant in {tuple(allowed)}, got {t}")
+    sig = types.void(isa, fmt, *[types.uint64] * 4, *[types.int64] * 7)
+
+    def codegen(context, builder, sig, args):
+        name = f"dsv4_{isa.literal_value}_{fmt.literal_value}"
+        context.active_code_library.add_linking_library(_library(context.codegen(), isa.literal_value))
+        ptr, i64 = ir.PointerType(), ir.IntType(64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr] * 4 + [i64] * 7),
+                                            name)
+        builder.call(fn, [builder.inttoptr(a, ptr) for a in args[2:6]] + list(args[6:]))
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def assembly(isa: str, cpu: str | None = None, features: str | None = None) -> str:
+    """The kernels' machine code (for inspection), optimized like Numba does (O3)."""
+    llb.initialize_native_target()
+    llb.initialize_native_asmprinter()
+    target = llb.Target.from_default_triple()
+    tm = target.create_target_machine(cpu=cpu or llb.get_host_cpu_name(),
+                                      features=features if features is not None else
+                                      llb.get_host_cpu_features().flatten(), opt=3)
+    mod = llb.parse_assembly(module_text(isa))
+    mod.verify()
+    pb = llb.create_pass_builder(tm, llb.create_pipeline_tuning_options(3))
+    pb.getModulePassManager().run(mod, pb)
+    return tm.emit_assembly(mod)

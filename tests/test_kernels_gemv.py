@@ -1,0 +1,199 @@
+"""Fast gemv kernels and FP8 activation quantization against the NumPy references.
+
+Every variant the host supports runs (numba, avx2, avx512), on odd shapes, with x both
+arbitrary (exact mode) and e4m3-quantized (default mode), on plain arrays and on read-only,
+unaligned memory maps. Error bound: |y - ref| <= 1e-5 * (|W| @ |x|) per row.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dsv4.quant.blocks import act_quant_values as ref_act_quant_values
+from dsv4.quant.blocks import dequant_fp4_weight
+from dsv4.runtime.kernels import cpu, gemv, ir
+from dsv4.runtime.kernels.actq import act_quant_values
+from dsv4.runtime.kernels.prep import bf16_terms
+from dsv4.runtime.kernels.selfcheck import TOL, problem, worst
+
+VARIANTS = [v for v in cpu.VARIANTS if not cpu.unmet(v, cpu.host_features())]
+SHAPES = {  # fmt -> [(O, K, block)]
+    "fp4": [(7, 32, None), (13, 96, None), (37, 2080, None)],
+    "fp8": [(131, 200, (128, 128)), (45, 100, (32, 48)), (9, 4096, (128, 128))],
+    "bf16": [(5, 37, None), (33, 1000, None)],
+    "f32": [(5, 37, None), (9, 515, None)],
+}
+CASES = [(f, *s) for f, shapes in SHAPES.items() for s in shapes]
+
+
+def _x(kind: str, K: int, rng) -> np.ndarray:
+    x = (rng.standard_normal(K) * np.exp(rng.uniform(-3, 3, K))).astype(np.float32)
+    return ref_act_quant_values(x[None], 128)[0] if kind == "quantized" else x
+
+
+def _memmap(tmp_path, arrays, offset=11):
+    """Write arrays back to back after `offset` bytes and map them read-only (unaligned)."""
+    path = tmp_path / "blob.bin"
+    with open(path, "wb") as fh:
+        fh.write(b"\x00" * offset)
+        for a in arrays:
+            if a is not None:
+                fh.write(np.ascontiguousarray(a).tobytes())
+    out, pos = [], offset
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        out.append(np.memmap(path, dtype=a.dtype, mode="r", offset=pos, shape=a.shape))
+        pos += a.nbytes
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt,O,K,block", CASES)
+@pytest.mark.parametrize("xkind", ["exact", "quantized"])
+def test_gemv_matches_reference(variant, fmt, O, K, block, xkind, rng):
+    blk = block or (128, 128)
+    W, S, Wr = problem(fmt, rng, O, K, blk)
+    k = gemv.Kernels(variant)
+    x = _x(xkind, K, rng)
+    y = k.gemv(fmt, W, S, k.prepare_x(fmt, x, blk[1]), blk)
+    assert y.shape == (O,) and y.dtype == np.float32
+    assert worst(y, Wr, x) <= TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", list(SHAPES))
+def test_batched_memmapped(variant, fmt, tmp_path, rng):
+    """One call, many jobs: different shapes in one table, repeated matrices, per-job x rows;
+    weights read-only and at odd byte offsets."""
+    shapes = [(O, K) for O, K, _ in SHAPES[fmt][:2]]
+    K = shapes[0][1]
+    shapes = [(O, K) for O, _ in shapes] + [(3, K)]
+    blk = SHAPES[fmt][0][2] or (128, 128)
+    probs = [problem(fmt, rng, O, K_, blk) for O, K_ in shapes]
+    mapped = _memmap(tmp_path, [a for W, S, _ in probs for a in (W, S)])
+    Ws, Ss = mapped[0::2], mapped[1::2]
+    assert not Ws[0].flags.writeable and Ws[0].ctypes.data % 2 == 1
+    table = gemv.MatTable(fmt, Ws, None if Ss[0] is None else Ss, blk)
+    xs = np.stack([_x("exact", K, rng), _x("quantized", K, rng)])
+    k = gemv.Kernels(variant)
+    mats, xsel = np.array([2, 0, 1, 0, 2]), np.array([0, 1, 1, 0, 1])
+    out = np.full(sum(shapes[m][0] for m in mats), np.nan, np.float32)
+    y = k.gemv_batch(table, mats, k.prepare_x(fmt, xs, blk[1]), xsel, out=out)
+    assert y is out or np.shares_memory(y, out)
+    parts = np.split(y, np.cumsum([shapes[m][0] for m in mats])[:-1])
+    for m, i, part in zip(mats, xsel, parts):
+        assert worst(part, probs[m][2], xs[i]) <= TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shift", [0, -70, 40])
+def test_fp4_scale_paths(variant, shift, rng):
+    """Rows whose e8m0 scales (with x's exponents) leave the fast exponent-add path, and a
+    NaN scale byte (255): each row must still match the reference (NaN for the NaN row)."""
+    O, K = 9, 160
+    W, S, _ = problem("fp4", rng, O, K)
+    S[1, 2], S[2, 0], S[3, 4] = 80, 170, 255
+    Wr = dequant_fp4_weight(W, S).astype(np.float64)
+    k = gemv.Kernels(variant)
+    for kind in ("quantized", "exact"):
+        x = np.ldexp(_x(kind, K, rng), shift).astype(np.float32)
+        y = k.gemv("fp4", W, S, k.prepare_x("fp4", x))
+        assert np.isnan(y[3]) and not np.isnan(np.delete(y, 3)).any()
+        keep = np.arange(O) != 3
+        assert worst(y[keep], Wr[keep], x) <= TOL
+
+
+def test_table_rejects_bad_input(rng):
+    W, S, _ = problem("fp4", rng, 4, 64)
+    with pytest.raises(ValueError, match="scale"):
+        gemv.MatTable("fp4", [W], [S[:, :1]])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gemv.MatTable("bf16", [np.zeros((4, 8), np.uint16)[:, ::2]])
+    k = gemv.Kernels("numba")
+    table = gemv.MatTable("fp4", [W], [S])
+    with pytest.raises(ValueError, match="does not match"):
+        k.gemv_batch(table, [0], k.prepare_x("fp4", np.zeros(96, np.float32)))
+    with pytest.raises(IndexError):
+        k.gemv_batch(table, [1], k.prepare_x("fp4", np.zeros(64, np.float32)))
+    with pytest.raises(ValueError, match="out"):
+        k.gemv_batch(table, [0], k.prepare_x("fp4", np.zeros(64, np.float32)), out=np.zeros(5, np.float32))
+
+
+def test_bf16_terms_sum_exactly(rng):
+    x = (rng.standard_normal((3, 257)) * np.exp(rng.uniform(-20, 20, (3, 257)))).astype(np.float32)
+    t = bf16_terms(x, 3).astype(np.uint32) << 16
+    total = sum(t[j].view(np.float32).astype(np.float64) for j in range(3))
+    assert np.array_equal(total, x.astype(np.float64))
+
+
+# ------------------------------------------------------------------ activation quantization
+def _hard_activations(rng, n, K):
+    mags = np.exp(rng.uniform(np.log(1e-30), np.log(1e30), (n, K)))
+    x = (mags * rng.choice([-1.0, 1.0], (n, K))).astype(np.float32)
+    x[0, :K // 3] = 0.0
+    x[0, K // 3:K // 2] = -0.0
+    x[1] = rng.standard_normal(K).astype(np.float32) * 1e-6       # the 1e-4 floor decides
+    # exact e4m3 ties (midpoints between neighbours) in a block whose max 448 gives scale 1
+    grid = np.array([0.0, 2 ** -9, 2 ** -8, 3 * 2 ** -9, 1.0, 1.125, 1.25, 240.0, 256.0, 448.0])
+    mids = np.concatenate([(grid[1:] + grid[:-1]) / 2, -(grid[1:] + grid[:-1]) / 2])
+    row = np.zeros(K, np.float32)
+    row[0] = 448.0
+    row[1:K] = np.resize(mids, K - 1)
+    x[2] = row
+    return x
+
+
+@pytest.mark.parametrize("K,block", [(300, 128), (128, 128), (77, 64), (5, 128)])
+def test_act_quant_bit_exact(K, block, rng):
+    for n in (3, 70):     # serial and parallel paths
+        x = _hard_activations(rng, n, K)
+        got, want = act_quant_values(x, block), ref_act_quant_values(x, block)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+# ------------------------------------------------------------------ variant selection
+def test_selection_falls_back():
+    feats = frozenset({"avx2", "fma"})
+    log = cpu.select(("avx512", "avx2", "numba"), lambda v: None, feats)
+    assert log.variant == "avx2" and "avx512: skipped" in log.describe()
+
+    def broken(v):
+        if v == "avx2":
+            raise RuntimeError("compile failed")
+        return "wrong numbers" if v == "avx512" else None
+    sel = cpu.select(("avx512", "avx2", "numba"), broken, frozenset(ir.REQUIRED["avx512"]) | feats)
+    assert sel.variant == "numba"
+    assert "avx512: failed (wrong numbers)" in sel.log[0] and "RuntimeError" in sel.log[1]
+    with pytest.raises(RuntimeError, match="no usable"):
+        cpu.select(("avx512",), lambda v: None, feats)
+
+
+def test_selection_real_compile_path():
+    """An unknown variant is skipped; a real variant is compiled and self-checked."""
+    k = gemv.kernels(("avx1024", "avx2", "numba"))
+    assert k.variant == ("avx2" if "avx2" in VARIANTS else "numba")
+    assert gemv.kernels().variant == VARIANTS[0]       # the best the host supports runs
+    assert VARIANTS[0] in gemv.describe()
+
+
+def test_ir_refuses_missing_features():
+    class FakeCodegen:
+        _tm_features = "+avx2,+fma,-avx512f"
+    with pytest.raises(ir.UnsupportedISA, match="avx512f"):
+        ir._library(FakeCodegen(), "avx512")
+
+
+def test_default_entry_points(rng):
+    W, S, Wr = problem("fp4", rng, 9, 64)
+    x = _x("quantized", 64, rng)
+    assert worst(gemv.fp4_gemv(W, S, gemv.prepare_x_fp4(x)), Wr, x) <= TOL
+    W, S, Wr = problem("fp8", rng, 9, 130)
+    x = _x("exact", 130, rng)
+    assert worst(gemv.fp8_gemv(W, S, gemv.prepare_x_fp8(x)), Wr, x) <= TOL
+    W, _, Wr = problem("bf16", rng, 9, 33)
+    assert worst(gemv.bf16_gemv(W, gemv.prepare_x_bf16(x[:33])), Wr, x[:33]) <= TOL
+    W, _, Wr = problem("f32", rng, 9, 33)
+    assert worst(gemv.f32_gemv(W, x[:33]), Wr, x[:33]) <= TOL
