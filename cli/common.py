@@ -21,7 +21,7 @@ def runtime_options(f):
     opts = [
         click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
                      help="Worker threads (default: all available cores)."),
-        click.option("--backend", type=click.Choice(["fast", "ref"]), default="ref",
+        click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast",
                      show_default=True,
                      help="fast: Numba/llvmlite kernels; ref: the plain NumPy reference."),
         click.option("--exact", is_flag=True,
@@ -42,10 +42,10 @@ def numerics_from(exact: bool, revision: str) -> Numerics:
 
 
 def configure_threads(threads: int | None) -> int:
-    """Set OpenMP variables (before Numba starts) and the BLAS / Numba pools."""
-    from dsv4.runtime.threads import available_cores, openmp_env, set_threads  # noqa: PLC0415
+    """Set the threading layer (before Numba starts) and the BLAS / Numba pool sizes."""
+    from dsv4.runtime.threads import available_cores, set_threads, threading_env  # noqa: PLC0415
     n = min(threads or available_cores(), available_cores())
-    for k, v in openmp_env(n).items():
+    for k, v in threading_env().items():
         os.environ.setdefault(k, v)
     return set_threads(n)
 

@@ -37,6 +37,14 @@ class DsvGroup(click.Group):
             sys.exit(2)
 
 
+def _numba_cache_dir() -> None:
+    """Compiled kernels are cached on disk: $NUMBA_CACHE_DIR if set, else under the dsv4
+    cache folder ($DSV4_HOME or ~/.cache/dsv4)."""
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        from dsv4.runtime.model_store import cache_root  # noqa: PLC0415
+        os.environ["NUMBA_CACHE_DIR"] = str(cache_root() / "numba")
+
+
 @click.group(cls=DsvGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.version_option(package_name="dsv4")
@@ -51,6 +59,7 @@ def cli(ctx: click.Context, debug: bool):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _numba_cache_dir()
 
 
 def _register():

@@ -30,6 +30,10 @@ class RefBackend:
 
     # ------------------------------------------------------------ small operations
     # Each returns float32 values rounded to bf16 where the model rounds (default mode).
+    def bf16(self, x):
+        """Round to bf16 (identity in exact mode); may round a fresh array in place."""
+        return self.num.bf16(x)
+
     def hc_pre(self, X, p: hc.HcParams, hc_mult: int, iters: int, hc_eps: float, norm_eps: float):
         """Hyper-connection input mix: X [S, hc, d] -> (x [S, d], post [S, hc], comb)."""
         return hc.hc_pre(X, p, hc_mult, iters, hc_eps, norm_eps, self.num, self)
@@ -77,6 +81,11 @@ class RefBackend:
         step = ROW_CHUNK - ROW_CHUNK % w.block[0]
         return np.concatenate([matmul_t(x, w.dequant(slice(r, r + step)))
                                for r in range(0, w.out_features, step)], axis=-1)
+
+    def project(self, x: np.ndarray, weights: list) -> list:
+        """x times each weight (a LinearW: FP8/FP4 quantize x first; or a raw bf16/f32
+        matrix) -> list of float32 [S, O]. One call so a fast backend can batch them."""
+        return [self.linear(x, w) if isinstance(w, LinearW) else self.dense(x, w) for w in weights]
 
     def grouped_linear(self, x: np.ndarray, w: LinearW) -> np.ndarray:
         """x [S, G, K] with w [G*L, K] seen as G blocks of L rows -> [S, G, L] float32.
@@ -135,15 +144,15 @@ class RefBackend:
         """SwiGLU expert on x [n, d] (already bf16 values) -> [n, d] float32, rounded to bf16
         as the model's w2 output. `weight` [n] multiplies the activation before w2."""
         num = self.num
-        g = num.bf16(self.linear(x, w.w1))
-        u = num.bf16(self.linear(x, w.w3))
+        g = self.bf16(self.linear(x, w.w1))
+        u = self.bf16(self.linear(x, w.w3))
         if limit > 0:
             u = np.clip(u, -limit, limit)
             g = np.minimum(g, F32(limit))
         h = silu(g) * u
         if weight is not None:
             h = h * weight[:, None]
-        return num.bf16(self.linear(num.bf16(h.astype(F32)), w.w2))
+        return self.bf16(self.linear(self.bf16(h.astype(F32)), w.w2))
 
     def moe_experts(self, x: np.ndarray, idx: np.ndarray, wts: np.ndarray, w: MoEW,
                     limit: float, shared_limit: float) -> np.ndarray:

@@ -38,14 +38,17 @@ class BenchRow:
 
 
 def matmul_flops_per_token(cfg: ModelConfig, keys_per_layer: list[float],
-                           index_keys_per_layer: list[float]) -> float:
+                           index_keys_per_layer: list[float], head: bool = True) -> float:
     """FLOPs of every matmul one token costs: linears (k of E experts), router, compressor,
-    indexer and hyper-connection projections, head, plus attention scores/values and
+    indexer and hyper-connection projections, the head (unless `head` is False: a prefill
+    chunk computes logits for its last position only), plus attention scores/values and
     indexer scoring for the given key counts."""
     k_over_e = cfg.n_activated_experts / cfg.n_routed_experts
     total = 0.0
     for spec in all_specs(cfg, include_mtp=False):
         if spec.name == "embed.weight" or spec.kind not in ("linear", "expert", "dense", "f32"):
+            continue
+        if spec.name == "head.weight" and not head:
             continue
         if spec.kind == "f32" and not spec.name.endswith("_fn"):
             continue
@@ -154,8 +157,9 @@ def pp_row(model: Model, base, n: int, repeats: int, threads: int, rng) -> Bench
     g1 = sgemm_gflops()
     tps = [n / t for t in times]
     mean, sd = _stats(tps)
-    flops = np.mean([matmul_flops_per_token(cfg, *attention_keys(cfg, base.pos + i))
-                     for i in range(0, n, max(1, n // 16))])
+    head = 2.0 * cfg.vocab_size * cfg.dim                      # logits of the last position
+    flops = np.mean([matmul_flops_per_token(cfg, *attention_keys(cfg, base.pos + i), head=False)
+                     for i in range(0, n, max(1, n // 16))]) + head / n
     rate = flops * mean / 1e9
     return BenchRow(f"pp{n}", base.pos, threads, mean, sd, flops, rate, g0, g1,
                     rate / ((g0 + g1) / 2), ttft_s=ttft)

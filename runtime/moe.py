@@ -39,4 +39,4 @@ def moe(cfg: ModelConfig, w: MoEW, x: np.ndarray, ids: np.ndarray, num: Numerics
     """x [S, d] (bf16 values after ffn_norm) -> [S, d]."""
     idx, wts = route(cfg, w, x, ids, be)
     shared_limit = cfg.swiglu_limit if num.shared_clamp else 0.0
-    return num.bf16(be.moe_experts(x, idx, wts, w, cfg.swiglu_limit, shared_limit))
+    return be.bf16(be.moe_experts(x, idx, wts, w, cfg.swiglu_limit, shared_limit))

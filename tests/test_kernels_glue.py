@@ -55,3 +55,40 @@ def test_quant_round_trips_bit_exact(pair, rng):
     x[0, :5] = [0.25, 0.75, 2.5, 5.0, -3.5]
     np.testing.assert_array_equal(ref.kv_fp8(x, 64), fast.kv_fp8(x, 64))
     np.testing.assert_array_equal(ref.fp4(x, 32), fast.fp4(x, 32))
+
+
+def test_numba_x_preparation_matches_numpy_layouts(rng):
+    from dsv4.quant.blocks import act_quant_values
+    from dsv4.runtime.kernels import prep
+    for variant in ("avx512", "avx2", "numba"):
+        for fmt in ("fp4", "fp8", "bf16", "f32"):
+            for K in (32, 96, 200, 2048):
+                if fmt == "fp4" and K % 32:
+                    continue
+                for quantized in (True, False):
+                    x = (rng.standard_normal((2, K)) * np.exp(rng.uniform(-5, 5, (2, 1))))
+                    x = x.astype(np.float32)
+                    if quantized:
+                        x = act_quant_values(x)
+                    a, na = prep.prepare(variant, fmt, x, 128)
+                    b, nb = prep.prepare_numpy(variant, fmt, x, 128)
+                    assert na == nb and np.array_equal(a.view(np.uint8), b.view(np.uint8)), \
+                        (variant, fmt, K, quantized)
+
+
+def test_dequant_rows_exact_including_extreme_scales(rng):
+    from dsv4.runtime.kernels.dequant import dequant_rows
+    from dsv4.runtime.linear import LinearW
+    w8 = rng.integers(0, 256, (300, 200), dtype=np.uint8)
+    w8[(w8 & 0x7F) == 0x7F] = 0
+    s8 = rng.integers(0, 255, (3, 2), dtype=np.uint8)
+    w4 = rng.integers(0, 256, (70, 48), dtype=np.uint8)
+    s4 = rng.integers(0, 255, (70, 3), dtype=np.uint8)
+    for lin in (LinearW("a", "fp8", w8, s8, 300, 200), LinearW("b", "fp4", w4, s4, 70, 96)):
+        out = np.empty((lin.out_features, lin.in_features), np.float32)
+        with np.errstate(over="ignore"):
+            want = lin.dequant()
+        for r0 in (0, 64):
+            n = min(64, lin.out_features - r0)
+            got = dequant_rows(lin, r0, n, out)
+            np.testing.assert_array_equal(got, want[r0:r0 + n])

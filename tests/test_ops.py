@@ -142,7 +142,11 @@ def test_compressor_matches_direct_blocks_for_any_chunking(rng, m):
     S = 3 * m + m // 2 + 1
     x = rng.standard_normal((S, 16)).astype(np.float32)
     st = CompressorState(m, w.ape.shape[1], w.overlap)
-    first, one_shot = comp.advance(w, st, x, 0, RefBackend(EXACT))
+    u, g = x @ w.wkv.T, x @ w.wgate.T
+
+    def feed(state, a, b):
+        return comp.advance(w, state, u[a:b], g[a:b], a)
+    first, one_shot = feed(st, 0, S)
     assert first == 0 and one_shot.shape[0] == S // m
     for b in range(S // m):
         np.testing.assert_allclose(one_shot[b], _direct_pool(w, x, b), rtol=1e-5, atol=1e-6)
@@ -152,7 +156,7 @@ def test_compressor_matches_direct_blocks_for_any_chunking(rng, m):
         size = min(size, S - p)
         if size <= 0:
             break
-        f, e = comp.advance(w, st2, x[p:p + size], p, RefBackend(EXACT))
+        f, e = feed(st2, p, p + size)
         assert f == p // m
         got.append(e)
         p += size

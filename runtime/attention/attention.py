@@ -12,36 +12,46 @@ import numpy as np
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..kv_cache import LayerCache
-from ..numerics import Numerics
 from ..params import AttnW
 from ..rope import Rope
 from . import compressor
 from .indexer import indexer_select
 
 
-def query(cfg: ModelConfig, w: AttnW, x: np.ndarray, pos: np.ndarray, rope: Rope,
-          num: Numerics, be) -> tuple[np.ndarray, np.ndarray]:
-    """x [S, d] -> (q [S, H, D] normalised per head and rotated, qr [S, Lq])."""
-    S = x.shape[0]
-    qr = be.rmsnorm(be.linear(x, w.wq_a), w.q_norm, cfg.norm_eps, round_input=True)  # [S, Lq]
-    q = num.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.n_heads, cfg.head_dim)       # [S, H, D]
+def projections(w: AttnW) -> list:
+    """Every weight applied to the layer input x, in the order `attention` unpacks them."""
+    ws = [w.wq_a, w.wkv]
+    if w.compressor is not None:
+        ws += [w.compressor.wkv, w.compressor.wgate]
+    if w.indexer is not None:
+        ws += [w.indexer.weights_proj, w.indexer.compressor.wkv, w.indexer.compressor.wgate]
+    return ws
+
+
+def query(cfg: ModelConfig, w: AttnW, xq_a: np.ndarray, pos: np.ndarray, rope: Rope,
+          be) -> tuple[np.ndarray, np.ndarray]:
+    """x wq_a^T [S, Lq] -> (q [S, H, D] normalised per head and rotated, qr [S, Lq])."""
+    S = xq_a.shape[0]
+    qr = be.rmsnorm(xq_a, w.q_norm, cfg.norm_eps, round_input=True)                 # [S, Lq]
+    q = be.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.n_heads, cfg.head_dim)       # [S, H, D]
     q = be.head_norm(q, cfg.norm_eps)
     return be.rope(q, pos, rope), qr
 
 
-def window_kv(cfg: ModelConfig, w: AttnW, x: np.ndarray, pos: np.ndarray, rope: Rope,
-              num: Numerics, be) -> np.ndarray:
-    """x [S, d] -> kv [S, D]: normalised, rope dims rotated, nope dims FP8-rounded."""
-    kv = be.rmsnorm(be.linear(x, w.wkv), w.kv_norm, cfg.norm_eps, round_input=True)   # [S, D]
+def window_kv(cfg: ModelConfig, w: AttnW, xkv: np.ndarray, pos: np.ndarray, rope: Rope,
+              be) -> np.ndarray:
+    """x wkv^T [S, D] -> kv [S, D]: normalised, rope dims rotated, nope dims FP8-rounded."""
+    kv = be.rmsnorm(xkv, w.kv_norm, cfg.norm_eps, round_input=True)                  # [S, D]
     kv = be.rope(kv[:, None], pos, rope)[:, 0]
     kv[:, :cfg.nope_dim] = be.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
     return kv
 
 
-def update_compressed(cfg: ModelConfig, w: AttnW, lc: LayerCache, x: np.ndarray, p0: int,
-                      rope: Rope, num: Numerics, be) -> None:
-    """Advance the attention compressor by the chunk and store completed entries."""
-    first, raw = compressor.advance(w.compressor, lc.comp_state, x, p0, be)
+def update_compressed(cfg: ModelConfig, w: AttnW, lc: LayerCache, u: np.ndarray, g: np.ndarray,
+                      p0: int, rope: Rope, be) -> None:
+    """Advance the attention compressor by the chunk (its projections u, g of x) and
+    store completed entries."""
+    first, raw = compressor.advance(w.compressor, lc.comp_state, u, g, p0)
     if raw.shape[0]:
         kv = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, be)
         kv[:, :cfg.nope_dim] = be.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
@@ -61,8 +71,10 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
     """x [S, d] (bf16 values) -> attention output [S, d]; advances the layer cache."""
     S, m, win = x.shape[0], cfg.ratio(layer), cfg.window
     pos = np.arange(p0, p0 + S)
-    q, qr = query(cfg, w, x, pos, rope, num, be)                       # [S, H, D], [S, Lq]
-    kv = window_kv(cfg, w, x, pos, rope, num, be)                      # [S, D]
+    proj = iter(be.project(x, projections(w)))     # all matmuls of x, batched per format
+    q, qr = query(cfg, w, next(proj), pos, rope, be)                   # [S, H, D], [S, Lq]
+    kv = window_kv(cfg, w, next(proj), pos, rope, be)                  # [S, D]
+    comp_ug = (next(proj), next(proj)) if m > 0 else None              # [S, c*D] each
 
     # keys = [earlier window tokens from the ring | this chunk | compressed entries used]
     n_prev = min(p0, win - 1)
@@ -72,8 +84,9 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
     if m > 0:
         sel = None
         if w.indexer is not None:
-            sel = indexer_select(cfg, w.indexer, lc, x, qr, p0, rope, num, be)   # [S, k]
-        update_compressed(cfg, w, lc, x, p0, rope, num, be)
+            wp, iu, ig = next(proj), next(proj), next(proj)
+            sel = indexer_select(cfg, w.indexer, lc, qr, wp, iu, ig, p0, rope, be)   # [S, k]
+        update_compressed(cfg, w, lc, *comp_ug, p0, rope, be)
         if sel is None:                                                # HCA: all visible
             t = np.arange((p0 + S) // m)[None, :]
             sel = np.where(t < ((pos + 1) // m)[:, None], t, -1)
@@ -86,8 +99,8 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
     lc.ring.write(tail % win, kv[-tail.size:])
 
     o = be.sparse_attn(q, np.concatenate(keys), idx, w.sink, cfg.head_dim ** -0.5)
-    o = be.rope(num.bf16(o), pos, rope, inverse=True)                 # [S, H, D]
+    o = be.rope(be.bf16(o), pos, rope, inverse=True)                 # [S, H, D]
 
     og = o.reshape(S, cfg.o_groups, -1)                               # [S, G, H*D/G]
-    z = num.bf16(be.grouped_linear(og, w.wo_a).reshape(S, -1))         # [S, G*Lo]
-    return num.bf16(be.linear(z, w.wo_b))                             # [S, d]
+    z = be.bf16(be.grouped_linear(og, w.wo_a).reshape(S, -1))         # [S, G*Lo]
+    return be.bf16(be.linear(z, w.wo_b))                             # [S, d]

@@ -20,13 +20,6 @@ from ..params import CompressorW
 from ..rope import Rope
 
 
-def project(w: CompressorW, x: np.ndarray, positions: np.ndarray, be):
-    """x [S, d] -> (u [S, c*Dc], score [S, c*Dc]) in float32 (weights used as float32)."""
-    u = be.dense(x, w.wkv)
-    score = be.dense(x, w.wgate) + w.ape[positions % w.ratio]
-    return u, score.astype(F32)
-
-
 def pool(kv: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Per-channel softmax pooling over axis -2: kv, score [..., rows, C] -> [..., C]."""
     s64 = score.astype(np.float64)
@@ -35,12 +28,12 @@ def pool(kv: np.ndarray, score: np.ndarray) -> np.ndarray:
     return (np.sum(e * kv, axis=-2) / np.sum(e, axis=-2)).astype(F32)
 
 
-def advance(w: CompressorW, st: CompressorState, x: np.ndarray, p0: int, be):
-    """Feed tokens p0 .. p0+S-1; return (first entry index, raw pooled entries [n, Dc])."""
-    S = x.shape[0]
+def advance(w: CompressorW, st: CompressorState, u: np.ndarray, g: np.ndarray, p0: int):
+    """Feed tokens p0 .. p0+S-1 by their projections u = x wkv^T, g = x wgate^T
+    [S, c*Dc]; return (first entry index, raw pooled entries [n, Dc])."""
+    S = u.shape[0]
     m, dc = w.ratio, w.head_dim
-    positions = np.arange(p0, p0 + S)
-    u, score = project(w, x, positions, be)
+    score = (g + w.ape[np.arange(p0, p0 + S) % m]).astype(F32)
     # rows of the unfinished block that precede this chunk, then the chunk's rows
     r0 = p0 % m
     kv_all = np.concatenate([st.kv[:r0], u])              # [r0 + S, c*Dc]

@@ -11,31 +11,30 @@ import numpy as np
 from ..config import INDEX_FP4_BLOCK, ModelConfig
 from ..kv_cache import LayerCache
 from ..nn import F32, topk_desc
-from ..numerics import Numerics
 from ..params import IndexerW
 from ..rope import Rope
 from . import compressor
 
 
 def index_queries(cfg: ModelConfig, w: IndexerW, qr: np.ndarray, positions: np.ndarray,
-                  rope: Rope, num: Numerics, be) -> np.ndarray:
+                  rope: Rope, be) -> np.ndarray:
     """qr [S, Lq] -> indexer queries [S, Ih, Id] (rotated, FP4-rounded)."""
     S = qr.shape[0]
-    qi = num.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.index_n_heads, cfg.index_head_dim)
+    qi = be.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.index_n_heads, cfg.index_head_dim)
     qi = be.hadamard(be.rope(qi, positions, rope))
     return be.fp4(qi, INDEX_FP4_BLOCK)
 
 
-def head_weights(cfg: ModelConfig, w: IndexerW, x: np.ndarray, num: Numerics, be) -> np.ndarray:
-    """x [S, d] -> per-head weights [S, Ih], including 1/(sqrt(Id) sqrt(Ih))."""
+def head_weights(cfg: ModelConfig, xw: np.ndarray, be) -> np.ndarray:
+    """x weights_proj^T [S, Ih] -> per-head weights [S, Ih], times 1/(sqrt(Id) sqrt(Ih))."""
     c = F32(cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
-    return num.bf16(num.bf16(be.dense(x, w.weights_proj)) * c)
+    return be.bf16(be.bf16(xw) * c)
 
 
-def update_keys(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray, p0: int,
-                rope: Rope, num: Numerics, be) -> None:
-    """Advance the indexer's compressor by the chunk and store completed keys."""
-    first, raw = compressor.advance(w.compressor, lc.index_state, x, p0, be)
+def update_keys(cfg: ModelConfig, w: IndexerW, lc: LayerCache, u: np.ndarray, g: np.ndarray,
+                p0: int, rope: Rope, be) -> None:
+    """Advance the indexer's compressor by the chunk (projections u, g) and store keys."""
+    first, raw = compressor.advance(w.compressor, lc.index_state, u, g, p0)
     if raw.shape[0]:
         k = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, be)
         k = be.fp4(be.hadamard(k), INDEX_FP4_BLOCK)
@@ -58,15 +57,18 @@ def select(scores: np.ndarray, positions: np.ndarray, ratio: int, topk: int) -> 
     return np.where(rank < n_vis[:, None], idx, -1)
 
 
-def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, x: np.ndarray,
-                   qr: np.ndarray, p0: int, rope: Rope, num: Numerics, be) -> np.ndarray:
-    """Advance the indexer keys by the chunk, then pick each query's compressed entries."""
-    positions = np.arange(p0, p0 + x.shape[0])
-    qi = index_queries(cfg, w, qr, positions, rope, num, be)                   # [S, Ih, Id]
-    update_keys(cfg, w, lc, x, p0, rope, num, be)
-    T = (p0 + x.shape[0]) // 4
+def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, qr: np.ndarray,
+                   xw: np.ndarray, u: np.ndarray, g: np.ndarray, p0: int, rope: Rope,
+                   be) -> np.ndarray:
+    """Advance the indexer keys by the chunk, then pick each query's compressed entries.
+    qr: the query latent; xw, u, g: x times weights_proj, compressor wkv and wgate."""
+    S = qr.shape[0]
+    positions = np.arange(p0, p0 + S)
+    qi = index_queries(cfg, w, qr, positions, rope, be)                        # [S, Ih, Id]
+    update_keys(cfg, w, lc, u, g, p0, rope, be)
+    T = (p0 + S) // 4
     if T == 0:
-        return np.zeros((x.shape[0], 0), np.int64)
-    wt = head_weights(cfg, w, x, num, be)                                       # [S, Ih]
+        return np.zeros((S, 0), np.int64)
+    wt = head_weights(cfg, xw, be)                                              # [S, Ih]
     scores = be.index_scores(qi, wt, lc.index_keys, T)                          # [S, T]
     return be.select_topk(scores, positions, 4, cfg.index_topk)

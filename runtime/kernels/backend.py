@@ -19,6 +19,7 @@ from . import attn, gemv, glue
 from .actq import act_quant_values
 from .dequant import dequant_rows
 
+PARALLEL_ELEMS = 1 << 16          # elementwise work below this runs on one thread
 GEMV_MAX_ROWS = 8                 # up to this many rows per call: gemv kernels, else sgemm
 SCRATCH_BYTES = 64 << 20          # float32 weight rows dequantized per sgemm step
 
@@ -50,6 +51,7 @@ class FastBackend(RefBackend):
         self.where: dict[int, tuple[str, int]] = {}    # _key(weight) -> (format, table row)
         self.tables: dict[str, gemv.MatTable] = {}
         self.groups: dict[int, int] = {}               # _key(wo_a) -> first group row
+        self._scratch = np.empty(0, F32)                # reused dequantization buffer
 
     # ------------------------------------------------------------ set-up
     def prepare(self, model) -> None:
@@ -120,32 +122,48 @@ class FastBackend(RefBackend):
         y = self.k.gemv_batch(table, np.full(S, idx, np.int64), xp, np.arange(S))
         return y.reshape(S, -1)
 
+    def scratch(self, rows: int, cols: int) -> np.ndarray:
+        """A float32 [rows, cols] buffer reused across calls (fresh pages cost page faults)."""
+        if self._scratch.size < rows * cols:
+            self._scratch = np.empty(rows * cols, F32)
+        return self._scratch[:rows * cols].reshape(rows, cols)
+
     def _sgemm(self, x2: np.ndarray, w) -> np.ndarray:
         """x2 [S, K] @ W^T by dequantizing row blocks of W into float32 scratch (BLAS)."""
         O = w.out_features if isinstance(w, LinearW) else w.shape[0]
         K = x2.shape[1]
         step = max(128, (SCRATCH_BYTES // (4 * K)) // 128 * 128)
-        scratch = np.empty((min(step, O), K), F32)
+        scratch = self.scratch(min(step, O), K)
         out = np.empty((x2.shape[0], O), F32)
         for r in range(0, O, step):
             n = min(step, O - r)
             np.matmul(x2, dequant_rows(w, r, n, scratch).T, out=out[:, r:r + n])
         return out
 
+    def _apply(self, x2: np.ndarray, w) -> np.ndarray:
+        """x2 [S, K] (already quantized as needed) @ W^T: gemv for few rows, else sgemm."""
+        y = self._gemv_rows(x2, w) if x2.shape[0] <= GEMV_MAX_ROWS else None
+        return self._sgemm(x2, w) if y is None else y
+
     def _matmul(self, x: np.ndarray, w, quantize_input: bool = True) -> np.ndarray:
         shape = x.shape
         x2 = self._quantized_input(x.reshape(-1, shape[-1]), w, quantize_input)
-        y = None
-        if x2.shape[0] <= GEMV_MAX_ROWS:
-            y = self._gemv_rows(x2, w)
-        if y is None:
-            y = self._sgemm(x2, w)
+        y = self._apply(x2, w)
         return y.reshape(shape[:-1] + (y.shape[-1],))
 
     # ------------------------------------------------------------ the seam: small ops
     @property
     def _rnd(self) -> bool:
         return not self.num.exact
+
+    def bf16(self, x):
+        if self.num.exact:
+            return x
+        if x.dtype != F32 or not x.flags.c_contiguous or not x.flags.writeable:
+            x = np.array(x, dtype=F32, order="C")
+        flat = x.reshape(-1)
+        (glue.bf16_inplace_parallel if flat.size >= PARALLEL_ELEMS else glue.bf16_inplace)(flat)
+        return x
 
     def hc_pre(self, X, p, hc_mult, iters, hc_eps, norm_eps):
         S = X.shape[0]
@@ -213,6 +231,27 @@ class FastBackend(RefBackend):
     def dense(self, x, w):
         return self._matmul(x, w, False)
 
+    def project(self, x, weights):
+        """All products of one input, one gemv region per weight format (decode)."""
+        if x.shape[0] > GEMV_MAX_ROWS:
+            return super().project(x, weights)
+        x2 = np.ascontiguousarray(x, dtype=F32)
+        quant = [w for w in weights if isinstance(w, LinearW) and w.quantized]
+        plain = [w for w in weights if not (isinstance(w, LinearW) and w.quantized)]
+        rows = np.arange(x2.shape[0])
+        done = {}
+        for group, xin in ((quant, self._quantized_input(x2, quant[0], True) if quant else None),
+                           (plain, x2)):
+            if not group:
+                continue
+            jobs = [w for w in group for _ in rows]
+            y = self._jobs_ragged(jobs, xin, np.tile(rows, len(group)))
+            if y is None:
+                return super().project(x, weights)
+            for i, w in enumerate(group):
+                done[id(w)] = np.stack(y[i * len(rows):(i + 1) * len(rows)])
+        return [done[id(w)] for w in weights]
+
     def grouped_linear(self, x, w: LinearW):
         S, G, K = x.shape
         first = self.groups.get(_key(w))
@@ -228,7 +267,7 @@ class FastBackend(RefBackend):
     def _grouped_sgemm(self, x, w: LinearW):
         S, G, K = x.shape
         L = w.out_features // G
-        scratch = np.empty((L, K), F32)
+        scratch = self.scratch(L, K)
         out = np.empty((S, G, L), F32)
         for g in range(G):
             np.matmul(x[:, g], dequant_rows(w, g * L, L, scratch).T, out=out[:, g])
@@ -247,35 +286,57 @@ class FastBackend(RefBackend):
         return attn.select_rows(scores, positions, ratio, topk)
 
     def moe_experts(self, x, idx, wts, w: MoEW, limit, shared_limit):
-        if x.shape[0] > GEMV_MAX_ROWS or "fp4" not in self.tables:
-            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
+        if x.shape[0] > GEMV_MAX_ROWS:
+            return self._moe_prefill(x, idx, wts, w, limit, shared_limit)
         return self._moe_decode(x, idx, wts, w, limit, shared_limit)
+
+    def _expert_rows(self, xq, e, limit, weight):
+        """One expert on rows of an already quantized input (as RefBackend.expert)."""
+        g = self.bf16(self._apply(xq, e.w1))
+        u = self.bf16(self._apply(xq, e.w3))
+        if limit > 0:
+            np.clip(u, -limit, limit, out=u)
+            np.minimum(g, F32(limit), out=g)
+        h = silu(g) * u
+        if weight is not None:
+            h *= weight[:, None]
+        hq = self._quantized_input(self.bf16(h.astype(F32)), e.w2, True)
+        return self.bf16(self._apply(hq, e.w2))
+
+    def _moe_prefill(self, x, idx, wts, w: MoEW, limit, shared_limit):
+        """Tokens grouped by expert; the input is quantized once for all of them (the
+        quantization is per row, so a subset of rows quantizes identically)."""
+        xq = self._quantized_input(x, w.shared.w1, True)
+        y = np.zeros(x.shape, F32)
+        for e in np.unique(idx):
+            rows, slot = np.nonzero(idx == e)
+            y[rows] += self._expert_rows(xq[rows], w.experts[e], limit, wts[rows, slot])
+        return y + self._expert_rows(xq, w.shared, shared_limit, None)
 
     def _moe_decode(self, x, idx, wts, w: MoEW, limit, shared_limit):
         """Routed experts of all rows and the shared expert: w1/w3 in one gemv region per
         weight format, SwiGLU with the routing weight, then w2 likewise."""
-        num = self.num
         S, k = idx.shape
         experts = [w.experts[e] for e in idx.reshape(-1)] + [w.shared] * S     # n jobs
         rows = np.concatenate([np.repeat(np.arange(S), k), np.arange(S)])
         n = len(experts)
         xq = self._quantized_input(x, w.shared.w1, True)
-        gate = self._jobs([e.w1 for e in experts], xq, rows)                  # [n, I]
-        up = self._jobs([e.w3 for e in experts], xq, rows)
-        if gate is None or up is None:
+        gu = self._jobs([e.w1 for e in experts] + [e.w3 for e in experts], xq,
+                        np.concatenate([rows, rows]))                          # [2n, I]
+        if gu is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
-        g, u = num.bf16(gate), num.bf16(up)
+        g, u = self.bf16(gu[:n]), self.bf16(gu[n:])
         lim = np.array([limit] * (S * k) + [shared_limit] * S, F32)
         on = lim > 0
         u[on] = np.clip(u[on], -lim[on, None], lim[on, None])
         g[on] = np.minimum(g[on], lim[on, None])
         h = silu(g) * u
         h[:S * k] *= wts.reshape(-1, 1)
-        hq = self._quantized_input(num.bf16(h.astype(F32)), w.shared.w2, True)
+        hq = self._quantized_input(self.bf16(h.astype(F32)), w.shared.w2, True)
         y = self._jobs([e.w2 for e in experts], hq, np.arange(n))
         if y is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
-        y = num.bf16(y)                                                        # [n, d]
+        y = self.bf16(y)                                                       # [n, d]
         routed = y[:S * k].reshape(S, k, -1)
         out = np.zeros((S, y.shape[1]), F32)
         order = np.argsort(idx, axis=1, kind="stable")      # the reference adds by expert id
@@ -283,6 +344,24 @@ class FastBackend(RefBackend):
             for j in order[s]:
                 out[s] += routed[s, j]
         return out + y[S * k:]
+
+    def _jobs_ragged(self, weights, x2, xrows):
+        """y_j = weights[j] @ x2[xrows[j]] for matrices of any sizes and table formats, one
+        parallel region per format -> list of float32 [O_j] (None if a matrix is unknown)."""
+        locs = [self.where.get(_key(wj)) for wj in weights]
+        if any(loc is None for loc in locs):
+            return None
+        out = [None] * len(weights)
+        for fmt in {f for f, _ in locs}:
+            sel = [j for j, (f, _) in enumerate(locs) if f == fmt]
+            table = self.tables[fmt]
+            mats = np.array([locs[j][1] for j in sel], np.int64)
+            xp = self.k.prepare_x(fmt, x2, table.block[1])
+            y = self.k.gemv_batch(table, mats, xp, np.asarray(xrows, np.int64)[sel])
+            ends = np.cumsum(table.out_features[mats])
+            for j, part in zip(sel, np.split(y, ends[:-1])):
+                out[j] = part
+        return out
 
     def _jobs(self, weights, x2, xrows):
         """y_j = weights[j] @ x2[xrows[j]] for matrices of any table formats, one parallel

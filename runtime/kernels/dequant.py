@@ -2,17 +2,17 @@
 
 Each function fills `out[r, :]` for weight rows r0 .. r0+len(out)-1, exactly as
 dsv4.quant.blocks.dequant_fp8_weight / dequant_fp4_weight and bf16 -> f32 do.
-Runs single-threaded by default: prefill alternates these with OpenBLAS calls, and a
-spinning OpenMP pool would steal the cores BLAS needs (kernel-notes, pitfalls).
+Rows are split over Numba's threads in one parallel region per call.
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .attn_util import u32_as_f32
 
 _OPTS = dict(cache=True, fastmath=True, boundscheck=False, error_model="numpy", nogil=True)
+_PAR = dict(_OPTS, parallel=True)
 
 
 @njit(**_OPTS)
@@ -20,12 +20,12 @@ def _pow2(k):
     return u32_as_f32(np.uint32((np.int32(k) + 127) << 23)) if -126 <= k <= 127 else np.float32(2.0) ** k
 
 
-@njit(**_OPTS)
+@njit(**_PAR)
 def fp8_rows(w, s, r0, b0, b1, lut, out):
     """w uint8 [O, K] e4m3, s uint8 [ceil(O/b0), ceil(K/b1)] e8m0 -> out [n, K] f32;
     lut: the 256 e4m3 values."""
     n, K = out.shape
-    for i in range(n):
+    for i in prange(n):
         r = r0 + i
         row = w[r]
         srow = s[r // b0]
@@ -38,11 +38,11 @@ def fp8_rows(w, s, r0, b0, b1, lut, out):
                 o[k] = lut[row[k]] * scale
 
 
-@njit(**_OPTS)
+@njit(**_PAR)
 def fp4_rows(w, s, r0, lut, out):
     """w uint8 [O, K/2] packed e2m1 (low nibble first), s uint8 [O, K/32] -> out [n, K]."""
     n, K = out.shape
-    for i in range(n):
+    for i in prange(n):
         r = r0 + i
         row = w[r]
         srow = s[r]
@@ -56,10 +56,10 @@ def fp4_rows(w, s, r0, lut, out):
                 o[g * 32 + 2 * j + 1] = lut[b >> 4] * scale
 
 
-@njit(**_OPTS)
+@njit(**_PAR)
 def bf16_rows(w, r0, out):
     n, K = out.shape
-    for i in range(n):
+    for i in prange(n):
         row = w[r0 + i]
         o = out[i]
         for k in range(K):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .bits import bits_f32, f32_bits
 
@@ -20,12 +20,24 @@ _OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy",
 
 @njit(inline="always")
 def bf16(v):
-    """Round a float32 to the nearest bfloat16 (ties to even); NaN stays NaN."""
-    if v != v:
-        return v
+    """Round a float32 to the nearest bfloat16 (ties to even); NaN stays NaN (branch-free,
+    so loops of it vectorize)."""
     u = f32_bits(F32(v))
-    u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return bits_f32(u)
+    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    return bits_f32(u | np.uint32(0x400000) if nan else r)
+
+
+@njit(cache=True, parallel=True, boundscheck=False)
+def bf16_inplace_parallel(flat):
+    for i in prange(flat.size):
+        flat[i] = bf16(flat[i])
+
+
+@njit(cache=True, boundscheck=False)
+def bf16_inplace(flat):
+    for i in range(flat.size):
+        flat[i] = bf16(flat[i])
 
 
 @njit(inline="always")
@@ -92,11 +104,11 @@ def _normalise(c, rows, eps):
                 c[b, a] = c[b, a] / den
 
 
-@njit(**_OPTS)
+@njit(cache=True, parallel=True, boundscheck=False, error_model="numpy", nogil=True)
 def hc_post_rows(a, X, post, comb, rnd, out):
     """out[s, k] = post[s, k] a[s] + sum_j comb[s, j, k] X[s, j]  (a [S, d], X [S, hc, d])."""
     S, hc, d = X.shape
-    for s in range(S):
+    for s in prange(S):
         for k in range(hc):
             pk = np.float64(post[s, k])
             for j in range(d):

@@ -107,6 +107,15 @@ def _lsb_exponent(x: np.ndarray) -> np.ndarray:
 
 
 def fp4_int(x: np.ndarray) -> np.ndarray | None:
+    """x [n, K] -> fp4 integer layout, or None when some 32-group does not fit (Numba)."""
+    from .prep_nb import fp4_int_rows  # noqa: PLC0415
+    n, K = x.shape
+    out = np.empty((n, int_len(K)), F32)
+    ok = fp4_int_rows(np.ascontiguousarray(x, dtype=F32), int_header(K), out)
+    return out if ok else None
+
+
+def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
     """x [n, K] -> fp4 integer layout, or None when some 32-group does not fit.
 
     Per group g, E = the lowest set bit exponent of its values and c = x * 2^-E (exact
@@ -158,11 +167,34 @@ def fp4_int(x: np.ndarray) -> np.ndarray | None:
 def prepare(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple[np.ndarray, int]:
     """x [n, K] float32 (C-contiguous) -> (prepared float32 [n, L], nterms); nterms 0 marks
     the fp4 integer layout, > 0 the number of bf16 planes (stored as float32 pairs)."""
+    x = np.ascontiguousarray(x, dtype=F32)
     n, K = x.shape
     if fmt == "f32":
         return x, 1
     if fmt == "fp4" and variant in ("avx512", "avx2"):
         xi = fp4_int(x)
+        if xi is not None:
+            return xi, 0
+    from .prep_nb import bf16_exact_rows, gather_rows, terms_rows  # noqa: PLC0415
+    idx, scale = layout(variant, fmt, K, b1)
+    if variant == "avx512" and fmt in TERM_FORMATS:
+        nt = 1 if bf16_exact_rows(x) else 3
+        per = 32 if fmt == "fp4" else 64
+        out16 = np.empty((n, idx.size * nt), np.uint16)
+        terms_rows(x, idx, per, nt, out16)
+        return out16.view(F32), nt
+    out = np.empty((n, idx.size), F32)
+    gather_rows(x, idx, F32(scale), out)
+    return out, 1
+
+
+def prepare_numpy(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple[np.ndarray, int]:
+    """The NumPy reference of `prepare` (tests compare the two)."""
+    n, K = x.shape
+    if fmt == "f32":
+        return x, 1
+    if fmt == "fp4" and variant in ("avx512", "avx2"):
+        xi = fp4_int_numpy(x)
         if xi is not None:
             return xi, 0
     idx, scale = layout(variant, fmt, K, b1)
