@@ -98,10 +98,16 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, exact, as_jso
     click.echo(f"load {t1 - t0:.2f} s, first calls (JIT) {jit_s:.2f} s", err=True)
     rng = np.random.default_rng(0)
     rows = []
+    set_threads(max(ts))
+    bases = {}
+    for d in ds:                                   # each context depth is filled once
+        if d:
+            click.echo(f"filling a context of {d} tokens...", err=True)
+        bases[d] = fill_context(m, d, d + max(pp + tg) + 1, rng)
     for t in ts:
         set_threads(t)
         for d in ds:
-            base = fill_context(m, d, d + max(pp + tg) + 1, rng)
+            base = bases[d]
             for n in (x for x in pp if x):
                 rows.append(pp_row(m, base, n, repeats, numba.get_num_threads(), rng))
                 click.echo(format_table(rows[-1:], jit_s).splitlines()[2], err=True)

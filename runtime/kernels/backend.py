@@ -37,6 +37,13 @@ def _raw(w):
         w.weight if isinstance(w, LinearW) else w)
 
 
+def _own(x: np.ndarray) -> np.ndarray:
+    """x itself when it is a writable float32 C array (to be overwritten), else a copy."""
+    if x.dtype == F32 and x.flags.c_contiguous and x.flags.writeable:
+        return x
+    return np.array(x, dtype=F32, order="C")
+
+
 def _key(w) -> int:
     """Identity of a weight: its stored array (views made on the fly would differ)."""
     return id(w.weight) if isinstance(w, LinearW) else id(w)
@@ -159,8 +166,7 @@ class FastBackend(RefBackend):
     def bf16(self, x):
         if self.num.exact:
             return x
-        if x.dtype != F32 or not x.flags.c_contiguous or not x.flags.writeable:
-            x = np.array(x, dtype=F32, order="C")
+        x = _own(x)
         flat = x.reshape(-1)
         (glue.bf16_inplace_parallel if flat.size >= PARALLEL_ELEMS else glue.bf16_inplace)(flat)
         return x
@@ -196,19 +202,21 @@ class FastBackend(RefBackend):
                           self._rnd and round_input, self._rnd, out)
         return out.reshape(x.shape)
 
+    # The model code always replaces an array by the result of these operations, so they
+    # may work in the input's buffer (when it is a writable float32 C array).
     def head_norm(self, q, eps):
-        out = np.array(q, dtype=F32, order="C", copy=True)
+        out = _own(q)
         glue.head_norm_rows(out, eps, self._rnd)
         return out
 
     def rope(self, x, positions, rope, inverse=False):
-        out = np.array(x, dtype=F32, order="C", copy=True)
+        out = _own(x)
         cos, sin = rope.cos_sin(positions)
         glue.rope_rows(out.reshape(x.shape[0], -1, x.shape[-1]), cos, sin, inverse, self._rnd)
         return out
 
     def hadamard(self, x):
-        out = np.array(x, dtype=F32, order="C", copy=True)
+        out = _own(x)
         glue.hadamard_rows(out.reshape(-1, x.shape[-1]), self._rnd)
         return out
 
@@ -220,7 +228,7 @@ class FastBackend(RefBackend):
     def fp4(self, x, block):
         if self.num.exact:
             return x
-        out = np.array(x, dtype=F32, order="C", copy=True)
+        out = _own(x)
         glue.q4_rows(out.reshape(-1, x.shape[-1]), block)
         return out
 
@@ -290,10 +298,21 @@ class FastBackend(RefBackend):
             return self._moe_prefill(x, idx, wts, w, limit, shared_limit)
         return self._moe_decode(x, idx, wts, w, limit, shared_limit)
 
+    def _gate_up(self, xq, e):
+        """x w1^T and x w3^T; for many rows one sgemm over both dequantized weights."""
+        if xq.shape[0] <= GEMV_MAX_ROWS or e.w1.in_features != e.w3.in_features:
+            return self._apply(xq, e.w1), self._apply(xq, e.w3)
+        n1 = e.w1.out_features
+        both = self.scratch(n1 + e.w3.out_features, e.w1.in_features)
+        dequant_rows(e.w1, 0, n1, both[:n1])
+        dequant_rows(e.w3, 0, e.w3.out_features, both[n1:])
+        gu = xq @ both.T
+        return gu[:, :n1], gu[:, n1:]
+
     def _expert_rows(self, xq, e, limit, weight):
         """One expert on rows of an already quantized input (as RefBackend.expert)."""
-        g = self.bf16(self._apply(xq, e.w1))
-        u = self.bf16(self._apply(xq, e.w3))
+        g, u = self._gate_up(xq, e)
+        g, u = self.bf16(np.ascontiguousarray(g)), self.bf16(np.ascontiguousarray(u))
         if limit > 0:
             np.clip(u, -limit, limit, out=u)
             np.minimum(g, F32(limit), out=g)

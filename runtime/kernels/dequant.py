@@ -6,6 +6,8 @@ Rows are split over Numba's threads in one parallel region per call.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -39,8 +41,9 @@ def fp8_rows(w, s, r0, b0, b1, lut, out):
 
 
 @njit(**_PAR)
-def fp4_rows(w, s, r0, lut, out):
-    """w uint8 [O, K/2] packed e2m1 (low nibble first), s uint8 [O, K/32] -> out [n, K]."""
+def fp4_rows(w, s, r0, pairs, out):
+    """w uint8 [O, K/2] packed e2m1 (low nibble first), s uint8 [O, K/32] -> out [n, K];
+    pairs: float32 [256, 2], the two values of each byte (one table read per byte)."""
     n, K = out.shape
     for i in prange(n):
         r = r0 + i
@@ -52,8 +55,8 @@ def fp4_rows(w, s, r0, lut, out):
             scale = _pow2(e - 127) if e != 255 else np.float32(np.nan)
             for j in range(16):
                 b = row[g * 16 + j]
-                o[g * 32 + 2 * j] = lut[b & 15] * scale
-                o[g * 32 + 2 * j + 1] = lut[b >> 4] * scale
+                o[g * 32 + 2 * j] = pairs[b, 0] * scale
+                o[g * 32 + 2 * j + 1] = pairs[b, 1] * scale
 
 
 @njit(**_PAR)
@@ -66,15 +69,22 @@ def bf16_rows(w, r0, out):
             o[k] = u32_as_f32(np.uint32(row[k]) << np.uint32(16))
 
 
+@functools.lru_cache(maxsize=1)
+def _fp4_pairs() -> np.ndarray:
+    from dsv4.quant.formats import E2M1_VALUES  # noqa: PLC0415
+    b = np.arange(256)
+    return np.ascontiguousarray(np.stack([E2M1_VALUES[b & 15], E2M1_VALUES[b >> 4]], axis=1))
+
+
 def dequant_rows(w, r0: int, n: int, out: np.ndarray) -> np.ndarray:
     """Rows r0 .. r0+n-1 of a LinearW (or a raw bf16/f32 matrix) as float32 into out[:n]."""
-    from dsv4.quant.formats import E2M1_VALUES, E4M3_VALUES  # noqa: PLC0415
+    from dsv4.quant.formats import E4M3_VALUES  # noqa: PLC0415
     buf = out[:n]
     fmt = getattr(w, "fmt", None)
     if fmt == "fp8":
         fp8_rows(w.weight.view(np.uint8), w.scale, r0, w.block[0], w.block[1], E4M3_VALUES, buf)
     elif fmt == "fp4":
-        fp4_rows(w.weight.view(np.uint8), w.scale, r0, E2M1_VALUES, buf)
+        fp4_rows(w.weight.view(np.uint8), w.scale, r0, _fp4_pairs(), buf)
     else:
         raw = w.weight if fmt == "float" else w
         if raw.dtype == np.uint16:
