@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -58,11 +59,15 @@ def machine_description() -> dict:
 @click.option("--depth", "depths", default="0", show_default=True,
               help="Context depths to run the tests at (comma-separated), e.g. 0,4096,32768.")
 @click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast", show_default=True)
+@click.option("--threading", type=click.Choice(["auto", "tbb", "omp", "omp-spin"]),
+              default="auto", show_default=True,
+              help="Thread pool (see `dsv4 generate --help`); omp-spin favours tg, tbb pp.")
 @click.option("--exact", is_flag=True, help="Exact-math mode (no rounding steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None,
               help="Also write a markdown record (machine, command, table) to this file.")
-def bench(model, prompts, gens, repeats, threads, depths, backend, exact, as_json, record):
+def bench(model, prompts, gens, repeats, threads, depths, backend, threading, exact, as_json,
+          record):
     """Measure prompt processing (pp) and generation (tg) speed.
 
     tg rows report bytes read per decoded token (weights actually touched plus KV), the
@@ -82,7 +87,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, exact, as_jso
     ts = _ints(threads, "-t") if threads else [available_cores()]
     if min(ts) < 1:
         raise click.BadParameter("thread counts must be >= 1", param_hint="-t")
-    configure_threads(max(ts))
+    configure_threads(max(ts), threading)
     folder = resolve_model(model)
     t0 = time.perf_counter()
     m = Model.load(folder, numerics_from(exact, "current"), backend=backend)
@@ -126,4 +131,6 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, exact, as_jso
         with open(record, "w") as f:
             f.write(f"# dsv4 bench\n\ncommand: `{cmd}`\n\nmachine: `{json.dumps(mach)}`\n\n")
             f.write(f"model: {folder} ({m.ckpt.total_bytes() / 1e9:.2f} GB), backend {backend}, "
+                    f"threading {os.environ.get('NUMBA_THREADING_LAYER')}"
+                    f"{' (spinning)' if os.environ.get('OMP_WAIT_POLICY') == 'active' else ''}, "
                     f"{m.num.describe()}\n\n```\n{table}\n```\n")

@@ -46,7 +46,7 @@ from .common import (configure_threads, generation_defaults, model_option, numer
 @runtime_options
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed, stop, ctx,
              prefill_chunk, quiet, chat, system, thinking, reasoning_effort, messages_file,
-             interactive, threads, backend, exact, revision):
+             interactive, threads, threading, backend, exact, revision):
     """Generate text from a raw prompt and stream it to stdout.
 
     With --chat, the prompt is a user message in the V4 chat format; reasoning (thinking
@@ -74,7 +74,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
         if sys.stdin.isatty():
             raise DsvError("no prompt: pass --prompt TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
-    configure_threads(threads)
+    configure_threads(threads, threading)
     folder = resolve_model(model, progress=sys.stderr.isatty())
     m = Model.load(folder, numerics_from(exact, revision), backend=backend)
     tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)

@@ -21,18 +21,31 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def threading_env() -> dict[str, str]:
+THREADING = ("auto", "tbb", "omp", "omp-spin")
+
+
+def threading_env(mode: str = "auto") -> dict[str, str]:
     """Numba threading settings, applied before Numba starts its pool (the CLI does so).
 
-    TBB when installed: its idle workers sleep, so the BLAS threads of prefill GEMMs get
-    the cores (measured here: pp512 2x faster than with spinning OpenMP workers, decode
-    ~10% slower than OpenMP with OMP_WAIT_POLICY=active). Otherwise OpenMP, pinned, with
-    the default wait policy. Variables already set by the user win.
+    - tbb (auto when installed): idle workers sleep, so the BLAS threads of prefill GEMMs
+      get the cores. Measured here: pp512 2x faster than with spinning OpenMP workers.
+    - omp: OpenMP, pinned, default wait policy.
+    - omp-spin: OpenMP workers spin between parallel regions (OMP_WAIT_POLICY=active):
+      decode ~10-15% faster than tbb, prefill about half as fast (BLAS shares its cores
+      with spinning threads). For generation-heavy use.
+    Variables already set by the user win.
     """
     import importlib.util  # noqa: PLC0415
-    if importlib.util.find_spec("tbb") is not None:
+    if mode not in THREADING:
+        raise DsvError(f"--threading must be one of {', '.join(THREADING)}, got '{mode}'")
+    if mode == "auto":
+        mode = "tbb" if importlib.util.find_spec("tbb") is not None else "omp"
+    if mode == "tbb":
         return {"NUMBA_THREADING_LAYER": "tbb"}
-    return {"NUMBA_THREADING_LAYER": "omp", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+    env = {"NUMBA_THREADING_LAYER": "omp", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+    if mode == "omp-spin":
+        env["OMP_WAIT_POLICY"] = "active"
+    return env
 
 
 def set_threads(threads: int | None) -> int:
