@@ -59,9 +59,9 @@ def machine_description() -> dict:
 @click.option("--depth", "depths", default="0", show_default=True,
               help="Context depths to run the tests at (comma-separated), e.g. 0,4096,32768.")
 @click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast", show_default=True)
-@click.option("--threading", type=click.Choice(["auto", "tbb", "omp", "omp-spin"]),
-              default="auto", show_default=True,
-              help="Thread pool (see `dsv4 generate --help`); omp-spin favours tg, tbb pp.")
+@click.option("--threading", type=click.Choice(["omp", "omp-spin", "tbb"]), default="omp",
+              show_default=True,
+              help="Thread pool (see `dsv4 generate --help`); omp-spin favours tg over pp.")
 @click.option("--exact", is_flag=True, help="Exact-math mode (no rounding steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None,

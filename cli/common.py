@@ -21,10 +21,11 @@ def runtime_options(f):
     opts = [
         click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
                      help="Worker threads (default: all available cores)."),
-        click.option("--threading", type=click.Choice(["auto", "tbb", "omp", "omp-spin"]),
-                     default="auto", show_default=True,
-                     help="Thread pool: tbb (auto when installed) suits mixed prefill and "
-                          "decode; omp-spin decodes ~10% faster but halves prefill speed."),
+        click.option("--threading", type=click.Choice(["omp", "omp-spin", "tbb"]),
+                     default="omp", show_default=True,
+                     help="Thread pool: omp suits mixed prefill and decode; omp-spin keeps "
+                          "workers spinning (decode up to ~10% faster, prefill about half "
+                          "as fast); tbb needs `pip install tbb`."),
         click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast",
                      show_default=True,
                      help="fast: Numba/llvmlite kernels; ref: the plain NumPy reference."),
@@ -45,7 +46,7 @@ def numerics_from(exact: bool, revision: str) -> Numerics:
     return Numerics.from_revision(revision, exact=exact)
 
 
-def configure_threads(threads: int | None, mode: str = "auto") -> int:
+def configure_threads(threads: int | None, mode: str = "omp") -> int:
     """Set the threading layer (before Numba starts) and the BLAS / Numba pool sizes."""
     from dsv4.runtime.threads import available_cores, set_threads, threading_env  # noqa: PLC0415
     n = min(threads or available_cores(), available_cores())

@@ -21,26 +21,34 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-THREADING = ("auto", "tbb", "omp", "omp-spin")
+THREADING = ("omp", "omp-spin", "tbb")
 
 
-def threading_env(mode: str = "auto") -> dict[str, str]:
+def tbb_available() -> bool:
+    """Whether Numba can use Intel TBB (the `tbb` package provides the library)."""
+    try:
+        from numba.np.ufunc import tbbpool  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+def threading_env(mode: str = "omp") -> dict[str, str]:
     """Numba threading settings, applied before Numba starts its pool (the CLI does so).
 
-    - tbb (auto when installed): idle workers sleep, so the BLAS threads of prefill GEMMs
-      get the cores. Measured here: pp512 2x faster than with spinning OpenMP workers.
-    - omp: OpenMP, pinned, default wait policy.
+    - omp (default): OpenMP, pinned, default wait policy: idle workers spin briefly, then
+      sleep, so prefill's BLAS threads get the cores.
     - omp-spin: OpenMP workers spin between parallel regions (OMP_WAIT_POLICY=active):
-      decode ~10-15% faster than tbb, prefill about half as fast (BLAS shares its cores
-      with spinning threads). For generation-heavy use.
+      decode up to ~10% faster, prefill about half as fast (BLAS shares its cores with
+      spinning threads). For generation-heavy use.
+    - tbb: Intel TBB (needs the `tbb` package); measured here like omp.
     Variables already set by the user win.
     """
-    import importlib.util  # noqa: PLC0415
     if mode not in THREADING:
         raise DsvError(f"--threading must be one of {', '.join(THREADING)}, got '{mode}'")
-    if mode == "auto":
-        mode = "tbb" if importlib.util.find_spec("tbb") is not None else "omp"
     if mode == "tbb":
+        if not tbb_available():
+            raise DsvError("--threading tbb needs Intel TBB: pip install tbb")
         return {"NUMBA_THREADING_LAYER": "tbb"}
     env = {"NUMBA_THREADING_LAYER": "omp", "OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
     if mode == "omp-spin":

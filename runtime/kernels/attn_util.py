@@ -5,10 +5,10 @@ All are small `@njit` functions that LLVM inlines into the calling loops; writte
 """
 from __future__ import annotations
 
-import llvmlite.ir as llir
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
+from numba import njit
+
+from .bits import bits_f32, f32_bits
 
 
 def jit_opts(parallel: bool = False, fastmath: bool = True) -> dict:
@@ -24,20 +24,9 @@ F32 = np.float32
 U32 = np.uint32
 
 
-@intrinsic
-def u32_as_f32(typingctx, x):
-    """Reinterpret the bits of a uint32 as a float32."""
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], llir.FloatType())
-    return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def f32_as_u32(typingctx, x):
-    """Reinterpret the bits of a float32 as a uint32."""
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], llir.IntType(32))
-    return types.uint32(types.float32), codegen
+# bit reinterpretation (one implementation, in bits.py)
+u32_as_f32 = bits_f32
+f32_as_u32 = f32_bits
 
 
 @njit(**jit_opts(fastmath=False), inline="always")

@@ -11,7 +11,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from .attn_util import u32_as_f32
+from .bits import bits_f32 as u32_as_f32
 
 _OPTS = dict(cache=True, fastmath=True, boundscheck=False, error_model="numpy", nogil=True)
 _PAR = dict(_OPTS, parallel=True)

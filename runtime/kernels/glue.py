@@ -50,6 +50,18 @@ def _sigmoid(v):
     return F32(1.0 / (1.0 + np.exp(-np.float64(v))))
 
 
+@njit(inline="always")
+def _inv_rms(Xs, norm_eps):
+    """1 / rms over all hc copies of one token, Xs [hc, d] (float64 sum, float32 result)."""
+    hc, d = Xs.shape
+    ms = 0.0
+    for i in range(hc):
+        for j in range(d):
+            v = np.float64(Xs[i, j])
+            ms += v * v
+    return F32(1.0 / np.sqrt(np.float64(F32(ms / (hc * d))) + F32(norm_eps)))
+
+
 @njit(**_OPTS)
 def hc_pre_rows(X, mix, base, scale, iters, hc_eps, norm_eps, rnd, x_out, post, comb):
     """X [S, hc, d]; mix [S, M] = fn . flatten(X) (without the rms factor).
@@ -57,12 +69,7 @@ def hc_pre_rows(X, mix, base, scale, iters, hc_eps, norm_eps, rnd, x_out, post, 
     S, hc, d = X.shape
     c = np.empty((hc, hc), np.float32)
     for s in range(S):
-        ms = 0.0
-        for i in range(hc):
-            for j in range(d):
-                v = np.float64(X[s, i, j])
-                ms += v * v
-        r = F32(1.0 / np.sqrt(np.float64(F32(ms / (hc * d))) + F32(norm_eps)))
+        r = _inv_rms(X[s], norm_eps)
         pre = np.empty(hc, np.float32)
         for i in range(hc):
             pre[i] = _sigmoid(mix[s, i] * r * scale[0] + base[i]) + F32(hc_eps)
@@ -123,12 +130,7 @@ def hc_head_rows(X, mix, base, scale, hc_eps, norm_eps, rnd, out):
     """Final mix: out [S, d] = sum_i (sigmoid(mix_i r scale + base_i) + eps) X_i."""
     S, hc, d = X.shape
     for s in range(S):
-        ms = 0.0
-        for i in range(hc):
-            for j in range(d):
-                v = np.float64(X[s, i, j])
-                ms += v * v
-        r = F32(1.0 / np.sqrt(np.float64(F32(ms / (hc * d))) + F32(norm_eps)))
+        r = _inv_rms(X[s], norm_eps)
         w = np.empty(hc, np.float64)
         for i in range(hc):
             w[i] = _sigmoid(mix[s, i] * r * scale[0] + base[i]) + F32(hc_eps)
