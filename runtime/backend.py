@@ -143,7 +143,6 @@ class RefBackend:
                weight: np.ndarray | None = None) -> np.ndarray:
         """SwiGLU expert on x [n, d] (already bf16 values) -> [n, d] float32, rounded to bf16
         as the model's w2 output. `weight` [n] multiplies the activation before w2."""
-        num = self.num
         g = self.bf16(self.linear(x, w.w1))
         u = self.bf16(self.linear(x, w.w3))
         if limit > 0:

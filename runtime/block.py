@@ -18,7 +18,7 @@ def block_forward(cfg: ModelConfig, w: BlockW, X: np.ndarray, ids: np.ndarray, p
     hc = (cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
     x, post, comb = be.hc_pre(X, w.hc_attn, *hc)                           # [S, d]
     x = be.rmsnorm(x, w.attn_norm, cfg.norm_eps)
-    a = attention(cfg, w.layer, w.attn, x, p0, lc, rope, num, be)         # [S, d]
+    a = attention(cfg, w.layer, w.attn, x, p0, lc, rope, be)       # [S, d]
     X = be.hc_post(a, X, post, comb)                                       # [S, hc, d]
 
     x, post, comb = be.hc_pre(X, w.hc_ffn, *hc)

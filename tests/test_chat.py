@@ -202,7 +202,7 @@ MALFORMED = [
      + "junk" + EOS),
     (False, "ok" + _block(_tool("f", [])) + _block(_tool("g", [])).lstrip("\n") + EOS),
     (False, f"A</{D}tool_calls>B" + EOS),
-    (False, f"｜DS<think>ML｜ after"),
+    (False, "｜DS<think>ML｜ after"),
 ]
 
 

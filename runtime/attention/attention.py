@@ -67,7 +67,7 @@ def window_index(pos: np.ndarray, base: int, window: int) -> np.ndarray:
 
 
 def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc: LayerCache,
-              rope: Rope, num: Numerics, be) -> np.ndarray:
+              rope: Rope, be) -> np.ndarray:
     """x [S, d] (bf16 values) -> attention output [S, d]; advances the layer cache."""
     S, m, win = x.shape[0], cfg.ratio(layer), cfg.window
     pos = np.arange(p0, p0 + S)

@@ -15,11 +15,11 @@ from ..linear import LinearW
 from ..nn import F32, silu
 from ..numerics import Numerics
 from ..params import MoEW
-from . import attn, gemv, glue
+from . import attn, gemv
 from .actq import act_quant_values
 from .dequant import dequant_rows
+from .fused_ops import FusedOps
 
-PARALLEL_ELEMS = 1 << 16          # elementwise work below this runs on one thread
 GEMV_MAX_ROWS = 8                 # up to this many rows per call: gemv kernels, else sgemm
 SCRATCH_BYTES = 64 << 20          # float32 weight rows dequantized per sgemm step
 
@@ -37,19 +37,12 @@ def _raw(w):
         w.weight if isinstance(w, LinearW) else w)
 
 
-def _own(x: np.ndarray) -> np.ndarray:
-    """x itself when it is a writable float32 C array (to be overwritten), else a copy."""
-    if x.dtype == F32 and x.flags.c_contiguous and x.flags.writeable:
-        return x
-    return np.array(x, dtype=F32, order="C")
-
-
 def _key(w) -> int:
     """Identity of a weight: its stored array (views made on the fly would differ)."""
     return id(w.weight) if isinstance(w, LinearW) else id(w)
 
 
-class FastBackend(RefBackend):
+class FastBackend(FusedOps, RefBackend):
     name = "fast"
 
     def __init__(self, num: Numerics):
@@ -158,80 +151,6 @@ class FastBackend(RefBackend):
         y = self._apply(x2, w)
         return y.reshape(shape[:-1] + (y.shape[-1],))
 
-    # ------------------------------------------------------------ the seam: small ops
-    @property
-    def _rnd(self) -> bool:
-        return not self.num.exact
-
-    def bf16(self, x):
-        if self.num.exact:
-            return x
-        x = _own(x)
-        flat = x.reshape(-1)
-        (glue.bf16_inplace_parallel if flat.size >= PARALLEL_ELEMS else glue.bf16_inplace)(flat)
-        return x
-
-    def hc_pre(self, X, p, hc_mult, iters, hc_eps, norm_eps):
-        S = X.shape[0]
-        X = np.ascontiguousarray(X, dtype=F32)
-        mix = np.ascontiguousarray(self.dense(X.reshape(S, -1), p.fn))
-        x = np.empty((S, X.shape[2]), F32)
-        post = np.empty((S, hc_mult), F32)
-        comb = np.empty((S, hc_mult, hc_mult), F32)
-        glue.hc_pre_rows(X, mix, p.base, p.scale, iters, hc_eps, norm_eps, self._rnd, x, post, comb)
-        return x, post, comb
-
-    def hc_post(self, a, X, post, comb):
-        out = np.empty(X.shape, F32)
-        glue.hc_post_rows(np.ascontiguousarray(a, dtype=F32), np.ascontiguousarray(X, dtype=F32),
-                          post, comb, self._rnd, out)
-        return out
-
-    def hc_head(self, X, p, hc_eps, norm_eps):
-        S = X.shape[0]
-        X = np.ascontiguousarray(X, dtype=F32)
-        mix = np.ascontiguousarray(self.dense(X.reshape(S, -1), p.fn))
-        out = np.empty((S, X.shape[2]), F32)
-        glue.hc_head_rows(X, mix, p.base, p.scale, hc_eps, norm_eps, self._rnd, out)
-        return out
-
-    def rmsnorm(self, x, weight, eps, round_input=False):
-        x2 = np.ascontiguousarray(x, dtype=F32).reshape(-1, x.shape[-1])
-        out = np.empty_like(x2)
-        glue.rmsnorm_rows(x2, np.ascontiguousarray(weight, dtype=F32), eps,
-                          self._rnd and round_input, self._rnd, out)
-        return out.reshape(x.shape)
-
-    # The model code always replaces an array by the result of these operations, so they
-    # may work in the input's buffer (when it is a writable float32 C array).
-    def head_norm(self, q, eps):
-        out = _own(q)
-        glue.head_norm_rows(out, eps, self._rnd)
-        return out
-
-    def rope(self, x, positions, rope, inverse=False):
-        out = _own(x)
-        cos, sin = rope.cos_sin(positions)
-        glue.rope_rows(out.reshape(x.shape[0], -1, x.shape[-1]), cos, sin, inverse, self._rnd)
-        return out
-
-    def hadamard(self, x):
-        out = _own(x)
-        glue.hadamard_rows(out.reshape(-1, x.shape[-1]), self._rnd)
-        return out
-
-    def kv_fp8(self, x, block):
-        if self.num.exact or not self.num.kv_fp8_sim:
-            return x
-        return act_quant_values(x, block)
-
-    def fp4(self, x, block):
-        if self.num.exact:
-            return x
-        out = _own(x)
-        glue.q4_rows(out.reshape(-1, x.shape[-1]), block)
-        return out
-
     # ------------------------------------------------------------ the seam: matmuls
     def linear(self, x, w: LinearW, quantize_input: bool = True):
         return self._matmul(x, w, quantize_input)
@@ -253,7 +172,7 @@ class FastBackend(RefBackend):
             if not group:
                 continue
             jobs = [w for w in group for _ in rows]
-            y = self._jobs_ragged(jobs, xin, np.tile(rows, len(group)))
+            y = self._jobs(jobs, xin, np.tile(rows, len(group)))
             if y is None:
                 return super().project(x, weights)
             for i, w in enumerate(group):
@@ -341,9 +260,10 @@ class FastBackend(RefBackend):
         n = len(experts)
         xq = self._quantized_input(x, w.shared.w1, True)
         gu = self._jobs([e.w1 for e in experts] + [e.w3 for e in experts], xq,
-                        np.concatenate([rows, rows]))                          # [2n, I]
+                        np.concatenate([rows, rows]))
         if gu is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
+        gu = np.stack(gu)                                                      # [2n, I]
         g, u = self.bf16(gu[:n]), self.bf16(gu[n:])
         lim = np.array([limit] * (S * k) + [shared_limit] * S, F32)
         on = lim > 0
@@ -355,7 +275,7 @@ class FastBackend(RefBackend):
         y = self._jobs([e.w2 for e in experts], hq, np.arange(n))
         if y is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
-        y = self.bf16(y)                                                       # [n, d]
+        y = self.bf16(np.stack(y))                                             # [n, d]
         routed = y[:S * k].reshape(S, k, -1)
         out = np.zeros((S, y.shape[1]), F32)
         order = np.argsort(idx, axis=1, kind="stable")      # the reference adds by expert id
@@ -364,7 +284,7 @@ class FastBackend(RefBackend):
                 out[s] += routed[s, j]
         return out + y[S * k:]
 
-    def _jobs_ragged(self, weights, x2, xrows):
+    def _jobs(self, weights, x2, xrows):
         """y_j = weights[j] @ x2[xrows[j]] for matrices of any sizes and table formats, one
         parallel region per format -> list of float32 [O_j] (None if a matrix is unknown)."""
         locs = [self.where.get(_key(wj)) for wj in weights]
@@ -380,24 +300,6 @@ class FastBackend(RefBackend):
             ends = np.cumsum(table.out_features[mats])
             for j, part in zip(sel, np.split(y, ends[:-1])):
                 out[j] = part
-        return out
-
-    def _jobs(self, weights, x2, xrows):
-        """y_j = weights[j] @ x2[xrows[j]] for matrices of any table formats, one parallel
-        region per format -> [n, O] (all outputs of equal length), or None if unknown."""
-        locs = [self.where.get(_key(wj)) for wj in weights]
-        if any(loc is None for loc in locs):
-            return None
-        out = None
-        for fmt in {f for f, _ in locs}:
-            sel = [j for j, (f, _) in enumerate(locs) if f == fmt]
-            table = self.tables[fmt]
-            xp = self.k.prepare_x(fmt, x2, table.block[1])
-            y = self.k.gemv_batch(table, np.array([locs[j][1] for j in sel], np.int64), xp,
-                                  np.asarray(xrows, np.int64)[sel]).reshape(len(sel), -1)
-            if out is None:
-                out = np.empty((len(weights), y.shape[1]), F32)
-            out[sel] = y
         return out
 
     def logits(self, y, head):

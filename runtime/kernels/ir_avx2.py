@@ -28,7 +28,7 @@ declare {Y} @llvm.fma.v8f32({Y}, {Y}, {Y})
 declare float @llvm.fma.f32(float, float, float)
 declare float @llvm.vector.reduce.fadd.v8f32(float, {Y})
 """
-DECLS = DECLS_FLOAT + f"""
+DECLS = DECLS_FLOAT + """
 declare <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8>, <32 x i8>)
 declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
