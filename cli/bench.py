@@ -9,7 +9,7 @@ import time
 
 import click
 
-from .common import configure_threads, model_option, numerics_from
+from .common import configure_threads, model_option, note_first_compile, numerics_from
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -89,6 +89,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
         raise click.BadParameter("thread counts must be >= 1", param_hint="-t")
     configure_threads(max(ts), threading)
     folder = resolve_model(model)
+    note_first_compile(backend)
     t0 = time.perf_counter()
     m = Model.load(folder, numerics_from(exact, "current"), backend=backend)
     click.echo(f"faulting in {m.ckpt.total_bytes() / 1e9:.2f} GB of weights...", err=True)

@@ -55,6 +55,14 @@ def configure_threads(threads: int | None, mode: str = "omp") -> int:
     return set_threads(n)
 
 
+def note_first_compile(backend: str) -> None:
+    """Tell the user why the very first run is slow (kernels compile once, then load)."""
+    cache = os.environ.get("NUMBA_CACHE_DIR")
+    if backend == "fast" and cache and not any(os.scandir(cache) if os.path.isdir(cache) else ()):
+        click.echo(f"dsv4: first run: compiling the SIMD kernels (once, about a minute; "
+                   f"cached in {cache})", err=True)
+
+
 def generation_defaults(model_dir: Path) -> dict:
     """Sampling defaults from the checkpoint's generation_config.json, if any."""
     path = model_dir / "generation_config.json"

@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from .common import (configure_threads, generation_defaults, model_option, numerics_from,
-                     runtime_options)
+from .common import (configure_threads, generation_defaults, model_option, note_first_compile,
+                     numerics_from, runtime_options)
 
 
 @click.command()
@@ -76,6 +76,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
         prompt = sys.stdin.read()
     configure_threads(threads, threading)
     folder = resolve_model(model, progress=sys.stderr.isatty())
+    note_first_compile(backend)
     m = Model.load(folder, numerics_from(exact, revision), backend=backend)
     tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)
 
