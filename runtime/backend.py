@@ -122,6 +122,10 @@ class RefBackend:
         """Cached vectors at `rows` of a KV store, decoded to float32 [n, D]."""
         return store.read(rows)
 
+    def write_kv(self, store, rows, x: np.ndarray) -> None:
+        """Store vectors x [n, D] at `rows` (int array or slice) of a KV store, in its format."""
+        store.write(rows, x)
+
     def index_scores(self, qi: np.ndarray, wt: np.ndarray, store, T: int) -> np.ndarray:
         """Lightning-indexer scores over the first T keys of `store`: qi [S, Ih, Id],
         wt [S, Ih] -> [S, T] = sum_h wt_h * relu(qi_h . k_t). Default mode rounds like the

@@ -63,6 +63,121 @@ def test_read_kv_bf16_and_f32(rng):
         attn.read_kv(f, np.array([9]))
 
 
+SPECIAL = np.array([0.0, -0.0, 1e-45, -3e-42, 2.0 ** -130, 1e-30, 448.0, -1000.0, 3e38,
+                    -np.inf, np.inf, np.nan, -np.nan], np.float32)
+
+
+def kv_rows(rng, n, D, grid, lead):
+    """x f32[n, D]: random values over a wide range; rows 0..n/2 with SPECIAL values mixed
+    in; row 0 starts with a whole-zero block, row 1 % n has one NaN in its first block,
+    row 2 (n > 2) is `lead` then midpoints of `grid` (round-to-even ties) times 2^-3..2^3."""
+    x = rng.standard_normal((n, D)) * np.exp2(rng.integers(-40, 40, (n, 1)))
+    x = x.astype(np.float32)
+    mask = rng.random((n, D)) < 0.1
+    mask[n // 2:] = False
+    x[mask] = rng.choice(SPECIAL, mask.sum())
+    x[0, :64] = 0.0
+    x[1 % n, 1:64] = np.abs(x[1 % n, 1:64])
+    x[1 % n, 5] = np.nan
+    if n > 2:
+        mids = (grid[1:] + grid[:-1]) / 2
+        x[2] = np.resize(mids * np.exp2(rng.integers(-3, 4, mids.size)), D)
+        x[2, ::32] = lead
+    return x
+
+
+def same_arrays(a, b):
+    """Every array attribute of two stores, byte for byte."""
+    for name, v in vars(a).items():
+        if isinstance(v, np.ndarray):
+            w = getattr(b, name)
+            assert v.dtype == w.dtype and v.shape == w.shape, name
+            bad = np.argwhere(v.view(np.uint8) != w.view(np.uint8))
+            assert bad.size == 0, f"{name}: {bad.shape[0]} bytes differ, first at {bad[0]}"
+
+
+def check_write(make, rng, x, rows):
+    """write_kv into one store, store.write into an identical one (random prior content)."""
+    want, got = make(), make()
+    for name, v in vars(want).items():
+        if isinstance(v, np.ndarray):
+            v.view(np.uint8)[...] = rng.integers(0, 256, v.nbytes, np.uint8).reshape(
+                v.view(np.uint8).shape)
+            getattr(got, name)[...] = v
+    with np.errstate(all="ignore"):
+        want.write(rows, x)
+        attn.write_kv(got, rows, x)
+    same_arrays(want, got)
+    return got
+
+
+E4M3_GRID = np.array([m * 2.0 ** -9 for m in range(8)] +
+                     [(1 + m / 8) * 2.0 ** e for e in range(-6, 9) for m in range(8)],
+                     np.float32)[:-1]                               # 0 .. 448
+E2M1_GRID = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], np.float32)
+
+
+def row_forms(rng, R, n):
+    """rows as a slice, a strided slice, and an int array of distinct random rows."""
+    return [slice(3, 3 + n), slice(R - 1, R - 1 - 2 * n, -2),
+            rng.permutation(R)[:n]]
+
+
+@pytest.mark.parametrize("D,Rd,n", [(512, 64, 1), (512, 64, 70), (200, 8, 5), (80, 16, 3),
+                                    (200, 8, 66)])
+def test_write_kv_fp8_bit_exact(rng, D, Rd, n):
+    R = 2 * n + 7
+    x = kv_rows(rng, n, D, E4M3_GRID, 448.0)
+    for rows in row_forms(rng, R, n):
+        st = check_write(lambda: Fp8KVStore(R, D, Rd), rng, x, rows)
+    r0, r1 = rows[0], rows[1 % n]
+    assert n == 1 or st.exps[r0, 0] == -22 and not st.codes[r0, :64].any()  # zeros: floor
+    assert st.exps[r1, 0] == 0 and st.codes[r1, 5] == 0x7F                   # NaN: k = 0
+    want = Fp8KVStore(R, D, Rd)
+    with np.errstate(all="ignore"):
+        REF.write_kv(want, rows, x)                       # the reference seam is store.write
+    assert np.array_equal(want.codes[rows], st.codes[rows])
+
+
+@pytest.mark.parametrize("Id,n", [(128, 1), (64, 4), (128, 65)])
+def test_write_kv_fp4_bit_exact(rng, Id, n):
+    R = 2 * n + 5
+    x = kv_rows(rng, n, Id, E2M1_GRID, 6.0)
+    for rows in row_forms(rng, R, n):
+        st = check_write(lambda: Fp4KeyStore(R, Id), rng, x, rows)
+    x = q4(x[n // 2:], 32)                                # FP4-rounded keys (the model's)
+    check_write(lambda: Fp4KeyStore(R, Id), rng, x, np.arange(x.shape[0]) + 1)
+
+
+@pytest.mark.parametrize("D,n", [(80, 1), (200, 9), (96, 64)])
+def test_write_kv_bf16_and_f32(rng, D, n):
+    R = 2 * n + 3
+    x = kv_rows(rng, n, D, E2M1_GRID, 6.0)
+    for rows in row_forms(rng, R, n):
+        check_write(lambda: Bf16Store(R, D), rng, x, rows)
+        check_write(lambda: F32Store(R, D), rng, x, rows)
+
+
+def test_write_kv_checks(rng):
+    st = Fp8KVStore(9, 80, 16)
+    with pytest.raises(ValueError, match="expected shape"):
+        attn.write_kv(st, np.array([1, 2]), np.zeros((3, 80), np.float32))
+    with pytest.raises(ValueError, match="expected shape"):
+        attn.write_kv(st, slice(0, 2), np.zeros((2, 64), np.float32))
+    with pytest.raises(IndexError):
+        attn.write_kv(st, np.array([9]), np.zeros((1, 80), np.float32))
+    with pytest.raises(ValueError, match="key store"):
+        attn.write_kv(Fp4KeyStore(4, 48), [0], np.zeros((1, 48), np.float32))
+    attn.write_kv(st, slice(0, 0), np.zeros((0, 80), np.float32))   # no rows: no-op
+
+    class Other:                                          # unknown store: its own write
+        def write(self, rows, x):
+            self.got = (rows, x)
+    o = Other()
+    attn.write_kv(o, [2], "x")
+    assert o.got == ([2], "x")
+
+
 # ------------------------------------------------------------------ sparse attention
 def check_attn(q, kv, idx, sink, scale, tol=2e-6, **kw):
     want = REF.sparse_attn(q, kv, idx, sink, scale)

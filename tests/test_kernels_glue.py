@@ -92,3 +92,69 @@ def test_dequant_rows_exact_including_extreme_scales(rng):
             n = min(64, lin.out_features - r0)
             got = dequant_rows(lin, r0, n, out)
             np.testing.assert_array_equal(got, want[r0:r0 + n])
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+@pytest.mark.parametrize("S", [1, 3])
+def test_decode_moe_step_matches_reference(odd_dir, exact, S):
+    """The fused decode MoE step (gemv regions + moe_glue kernels) against RefBackend on a
+    real layer (odd model: swiglu_limit 0.5, so the clamps act), routed and shared."""
+    from dsv4.runtime.model import Model
+    from dsv4.runtime.moe import route
+    num = Numerics(exact=exact)
+    ref, fast = Model.load(odd_dir, num, backend="ref"), Model.load(odd_dir, num, backend="fast")
+    rng = np.random.default_rng(S)
+    cfg = ref.cfg
+    for layer in (0, cfg.n_layers - 1):                         # a hash layer and a scored one
+        wr, wf = ref.w.blocks[layer].ffn, fast.w.blocks[layer].ffn
+        x = ref.be.bf16((rng.standard_normal((S, cfg.dim)) * 2).astype(np.float32))
+        idx, wts = route(cfg, wr, x, rng.integers(0, cfg.vocab_size, S), ref.be)
+        a = ref.be.moe_experts(x, idx, wts, wr, cfg.swiglu_limit, cfg.swiglu_limit)
+        b = fast.be.moe_experts(x, idx, wts, wf, cfg.swiglu_limit, cfg.swiglu_limit)
+        assert b.shape == a.shape and b.dtype == np.float32
+        if exact:
+            close(a, b, rtol=1e-5, atol=1e-5)
+        else:      # float32 vs float64 sums may flip a bf16 or FP8 rounding of a few elements
+            err = np.abs(a - b) / (np.abs(a) + 1e-2)
+            assert np.median(err) < 1e-3 and np.mean(err > 0.05) < 0.02, (np.median(err), np.mean(err > 0.05))
+
+
+def test_swiglu_and_combine_kernels(rng):
+    """moe_glue against the NumPy formulas of RefBackend.expert / moe_experts (the sum
+    bit-exact, SwiGLU to float32 rounding of its silu)."""
+    from dsv4.quant.blocks import act_quant_values
+    from dsv4.quant.formats import bf16_round
+    from dsv4.runtime.kernels import moe_glue
+    from dsv4.runtime.nn import silu
+    n, inter = 5, 200                                       # 200: a short last FP8 block
+    gu = (rng.standard_normal(2 * n * inter) * 3).astype(np.float32)
+    goff, uoff = np.arange(n) * inter, (n + np.arange(n)) * inter
+    lim = np.float32([0.5, 0.0, 2.0, 7.0, 0.0])
+    wt = np.float32([0.3, 1.7, 0.01, 1.0, 1.0])
+    for rnd in (True, False):
+        r = bf16_round if rnd else (lambda v: v)
+        g, u = r(gu[:n * inter].reshape(n, inter)), r(gu[n * inter:].reshape(n, inter))
+        want = []
+        for j in range(n):
+            gj, uj = g[j], u[j]
+            if lim[j] > 0:
+                uj, gj = np.clip(uj, -lim[j], lim[j]), np.minimum(gj, lim[j])
+            want.append(r((silu(gj) * uj) * wt[j]))
+        want = np.stack(want).astype(np.float32)
+        for qb in (0, 128):
+            got = np.empty((n, inter), np.float32)
+            moe_glue.swiglu_rows(gu, goff, uoff, inter, lim, wt, rnd, qb, got)
+            ref = act_quant_values(want, qb) if qb else want
+            if not rnd and not qb:            # float32 silu within a few ulp of the float64 one
+                np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-30)
+            else:                             # ... which may flip a rare bf16 / e4m3 rounding
+                assert np.mean(got != ref) < 0.01
+                np.testing.assert_allclose(got, ref, rtol=0.13, atol=1e-30)
+        S, k, d = 2, 2, 7
+        y = rng.standard_normal(5 * d).astype(np.float32)
+        order = np.array([[1, 0], [3, 2]])
+        out = np.empty((S, d), np.float32)
+        moe_glue.combine_rows(y, np.arange(5) * d, order, np.array([4, 4]), rnd, out)
+        yy = r(y.reshape(5, d))
+        want = np.stack([(np.float32(0) + yy[1] + yy[0]) + yy[4], (np.float32(0) + yy[3] + yy[2]) + yy[4]])
+        np.testing.assert_array_equal(out, want)

@@ -55,7 +55,7 @@ def update_compressed(cfg: ModelConfig, w: AttnW, lc: LayerCache, u: np.ndarray,
     if raw.shape[0]:
         kv = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, be)
         kv[:, :cfg.nope_dim] = be.kv_fp8(kv[:, :cfg.nope_dim], KV_FP8_BLOCK)
-        lc.comp.write(slice(first, first + kv.shape[0]), kv)
+        be.write_kv(lc.comp, slice(first, first + kv.shape[0]), kv)
         lc.n_comp = first + kv.shape[0]
 
 
@@ -96,7 +96,7 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
         idx = np.concatenate([idx, np.where(sel >= 0, local + n_prev + S, -1)], axis=1)
         keys.append(be.read_kv(lc.comp, used))
     tail = pos[-min(S, win):]
-    lc.ring.write(tail % win, kv[-tail.size:])
+    be.write_kv(lc.ring, tail % win, kv[-tail.size:])
 
     o = be.sparse_attn(q, np.concatenate(keys), idx, w.sink, cfg.head_dim ** -0.5)
     o = be.rope(be.bf16(o), pos, rope, inverse=True)                 # [S, H, D]

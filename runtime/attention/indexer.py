@@ -38,7 +38,7 @@ def update_keys(cfg: ModelConfig, w: IndexerW, lc: LayerCache, u: np.ndarray, g:
     if raw.shape[0]:
         k = compressor.finish_entries(w.compressor, raw, first, rope, cfg.norm_eps, be)
         k = be.fp4(be.hadamard(k), INDEX_FP4_BLOCK)
-        lc.index_keys.write(slice(first, first + k.shape[0]), k)
+        be.write_kv(lc.index_keys, slice(first, first + k.shape[0]), k)
 
 
 def select(scores: np.ndarray, positions: np.ndarray, ratio: int, topk: int) -> np.ndarray:

@@ -47,7 +47,8 @@ def _e4m3(v):
 
 
 @njit(inline="always")
-def _row(x, out, block):
+def quant_row(x, out, block):
+    """out = FP8 values of one row x [K] (blocks of `block`); inlined by callers."""
     K = x.shape[0]
     for b0 in range(0, K, block):
         b1 = min(K, b0 + block)
@@ -65,13 +66,13 @@ def _row(x, out, block):
 @njit(cache=True, boundscheck=False)
 def _serial(x, out, block):
     for r in range(x.shape[0]):
-        _row(x[r], out[r], block)
+        quant_row(x[r], out[r], block)
 
 
 @njit(cache=True, parallel=True, boundscheck=False)
 def _parallel(x, out, block):
     for r in prange(x.shape[0]):
-        _row(x[r], out[r], block)
+        quant_row(x[r], out[r], block)
 
 
 def act_quant_values(x: np.ndarray, block: int = 128) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Fast attention-side kernels (Numba): KV row decode, sparse attention with sink, indexer
+"""Fast attention-side kernels (Numba): KV row encode/decode, sparse attention with sink, indexer
 scores over the FP4 key cache, O(T) top-k. Thin checked wrappers over the njit kernels of
 attn_kv / attn_sparse / attn_index / attn_topk; each matches the NumPy reference named in
 its docstring (runtime/backend.py RefBackend, runtime/nn.py, runtime/attention/indexer.py).
@@ -15,12 +15,16 @@ import numpy as np
 
 from ..kv_cache import Bf16Store, F32Store, Fp4KeyStore, Fp8KVStore
 from .attn_index import index_scores_into
-from .attn_kv import read_kv_bf16_into, read_kv_f32_into, read_kv_fp8_into
+from .attn_kv import (read_kv_bf16_into, read_kv_f32_into, read_kv_fp8_into, write_kv_bf16_into,
+                      write_kv_bf16_par, write_kv_fp4_into, write_kv_fp4_par, write_kv_fp8_into,
+                      write_kv_fp8_par)
 from .attn_sparse import sparse_attn_into
 from .attn_topk import topk_into, topk_rows_into
 
-__all__ = ["aligned_empty", "read_kv_fp8", "read_kv_bf16", "read_kv_f32", "read_kv", "sparse_attn",
-           "index_scores_fp4", "index_scores_f32", "index_scores", "topk_indices",
+PARALLEL_ROWS = 64          # KV rows written per call from which the write runs in parallel
+
+__all__ = ["aligned_empty", "read_kv_fp8", "read_kv_bf16", "read_kv_f32", "read_kv", "write_kv",
+           "sparse_attn", "index_scores_fp4", "index_scores_f32", "index_scores", "topk_indices",
            "topk_rows", "select_rows"]
 
 
@@ -117,6 +121,53 @@ def read_kv(store, rows, out=None) -> np.ndarray:
     if isinstance(store, F32Store):
         return read_kv_f32(store.data, rows, out)
     raise TypeError(f"read_kv: unsupported store {type(store).__name__}")
+
+
+def _write_args(rows, x, n_rows, dim):
+    """rows (slice or ints) -> int64[n], x -> contiguous f32[n, dim], parallel flag."""
+    rows = np.arange(n_rows)[rows] if isinstance(rows, slice) else _rows(rows, n_rows)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape != (rows.size, dim):
+        raise ValueError(f"x: expected shape {(rows.size, dim)} for {rows.size} rows of a "
+                         f"{dim}-wide store, got {x.shape}")
+    par = rows.size >= PARALLEL_ROWS and np.unique(rows).size == rows.size
+    return rows, x, par
+
+
+def write_kv(store, rows, x) -> None:
+    """RefBackend.write_kv: store.write(rows, x) for the stores of kv_cache.py, bit-identical,
+    in place (rows: int array or slice; x [n, D]). Other stores: their own write."""
+    if isinstance(store, Fp8KVStore):
+        codes, exps, rope, block = store.codes, store.exps, store.rope, store.block
+        _arr(codes, np.uint8, "codes", 2)
+        _arr(exps, np.int8, "exps", 2)
+        _arr(rope, np.uint16, "rope", 2)
+        R, N = codes.shape
+        if exps.shape != (R, -(-N // block)) or rope.shape[0] != R:
+            raise ValueError(f"KV store arrays disagree: codes {codes.shape}, exps {exps.shape}, "
+                             f"rope {rope.shape}, block {block}")
+        rows, x, par = _write_args(rows, x, R, N + rope.shape[1])
+        (write_kv_fp8_par if par else write_kv_fp8_into)(x, rows, block, codes, exps, rope)
+    elif isinstance(store, Fp4KeyStore):
+        packed, exps, block = store.packed, store.exps, store.block
+        _arr(packed, np.uint8, "packed", 2)
+        _arr(exps, np.int8, "exps", 2)
+        R, D = packed.shape[0], 2 * packed.shape[1]
+        if block % 2 or exps.shape != (R, D // block) or D % block:
+            raise ValueError(f"key store arrays disagree: packed {packed.shape}, exps "
+                             f"{exps.shape}, block {block}")
+        rows, x, par = _write_args(rows, x, R, D)
+        (write_kv_fp4_par if par else write_kv_fp4_into)(x, rows, block, packed, exps)
+    elif isinstance(store, Bf16Store):
+        _arr(store.data, np.uint16, "data", 2)
+        rows, x, par = _write_args(rows, x, *store.data.shape)
+        (write_kv_bf16_par if par else write_kv_bf16_into)(x, rows, store.data)
+    elif isinstance(store, F32Store):
+        _arr(store.data, np.float32, "data", 2)
+        rows, x, _ = _write_args(rows, x, *store.data.shape)
+        store.data[rows] = x                      # a plain copy
+    else:
+        store.write(rows, x)
 
 
 # ------------------------------------------------------------------ attention

@@ -15,7 +15,7 @@ from ..linear import LinearW
 from ..nn import F32, silu
 from ..numerics import Numerics
 from ..params import MoEW
-from . import attn, gemv
+from . import attn, gemv, moe_glue
 from .actq import act_quant_values
 from .dequant import dequant_rows
 from .fused_ops import FusedOps
@@ -35,6 +35,10 @@ def _fmt_of(w) -> str:
 def _raw(w):
     return w.weight.view(np.uint8) if isinstance(w, LinearW) and w.fmt == "fp4" else (
         w.weight if isinstance(w, LinearW) else w)
+
+
+def _out_features(w) -> int:
+    return w.out_features if isinstance(w, LinearW) else w.shape[0]
 
 
 def _key(w) -> int:
@@ -130,7 +134,7 @@ class FastBackend(FusedOps, RefBackend):
 
     def _sgemm(self, x2: np.ndarray, w) -> np.ndarray:
         """x2 [S, K] @ W^T by dequantizing row blocks of W into float32 scratch (BLAS)."""
-        O = w.out_features if isinstance(w, LinearW) else w.shape[0]
+        O = _out_features(w)
         K = x2.shape[1]
         step = max(128, (SCRATCH_BYTES // (4 * K)) // 128 * 128)
         scratch = self.scratch(min(step, O), K)
@@ -165,18 +169,20 @@ class FastBackend(FusedOps, RefBackend):
         x2 = np.ascontiguousarray(x, dtype=F32)
         quant = [w for w in weights if isinstance(w, LinearW) and w.quantized]
         plain = [w for w in weights if not (isinstance(w, LinearW) and w.quantized)]
-        rows = np.arange(x2.shape[0])
+        S = x2.shape[0]
+        rows = np.arange(S)
         done = {}
         for group, xin in ((quant, self._quantized_input(x2, quant[0], True) if quant else None),
                            (plain, x2)):
             if not group:
                 continue
-            jobs = [w for w in group for _ in rows]
-            y = self._jobs(jobs, xin, np.tile(rows, len(group)))
-            if y is None:
+            r = self._jobs([w for w in group for _ in rows], xin, np.tile(rows, len(group)))
+            if r is None:
                 return super().project(x, weights)
+            y, start = r
             for i, w in enumerate(group):
-                done[id(w)] = np.stack(y[i * len(rows):(i + 1) * len(rows)])
+                a = start[i * S]
+                done[id(w)] = y[a:a + S * _out_features(w)].reshape(S, -1)
         return [done[id(w)] for w in weights]
 
     def grouped_linear(self, x, w: LinearW):
@@ -202,6 +208,9 @@ class FastBackend(FusedOps, RefBackend):
 
     def read_kv(self, store, rows):
         return attn.read_kv(store, rows)
+
+    def write_kv(self, store, rows, x):
+        attn.write_kv(store, rows, x)
 
     def sparse_attn(self, q, kv, idx, sink, scale):
         return attn.sparse_attn(q, kv, idx, sink, scale)
@@ -253,54 +262,64 @@ class FastBackend(FusedOps, RefBackend):
 
     def _moe_decode(self, x, idx, wts, w: MoEW, limit, shared_limit):
         """Routed experts of all rows and the shared expert: w1/w3 in one gemv region per
-        weight format, SwiGLU with the routing weight, then w2 likewise."""
+        weight format, the fused SwiGLU + quantization (moe_glue.py), w2 likewise, then the
+        fused sum."""
         S, k = idx.shape
         experts = [w.experts[e] for e in idx.reshape(-1)] + [w.shared] * S     # n jobs
         rows = np.concatenate([np.repeat(np.arange(S), k), np.arange(S)])
         n = len(experts)
+        inter = w.shared.w1.out_features
+        w2 = w.shared.w2
+        if any(e.w1.out_features != inter or e.w3.out_features != inter or e.w2.quantized != w2.quantized
+               or e.w2.block[1] != w2.block[1] for e in experts):
+            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
         xq = self._quantized_input(x, w.shared.w1, True)
         gu = self._jobs([e.w1 for e in experts] + [e.w3 for e in experts], xq,
                         np.concatenate([rows, rows]))
         if gu is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
-        gu = np.stack(gu)                                                      # [2n, I]
-        g, u = self.bf16(gu[:n]), self.bf16(gu[n:])
+        y_gu, off = gu
         lim = np.array([limit] * (S * k) + [shared_limit] * S, F32)
-        on = lim > 0
-        u[on] = np.clip(u[on], -lim[on, None], lim[on, None])
-        g[on] = np.minimum(g[on], lim[on, None])
-        h = silu(g) * u
-        h[:S * k] *= wts.reshape(-1, 1)
-        hq = self._quantized_input(self.bf16(h.astype(F32)), w.shared.w2, True)
-        y = self._jobs([e.w2 for e in experts], hq, np.arange(n))
+        weight = np.concatenate([wts.reshape(-1).astype(F32), np.ones(S, F32)])
+        quant = self.num.quantize_activations and w2.quantized
+        h = np.empty((n, inter), F32)
+        moe_glue.swiglu_rows(y_gu, off[:n], off[n:], inter, lim, weight, self._rnd,
+                             w2.block[1] if quant else 0, h)
+        y = self._jobs([e.w2 for e in experts], h, np.arange(n))
         if y is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
-        y = self.bf16(np.stack(y))                                             # [n, d]
-        routed = y[:S * k].reshape(S, k, -1)
-        out = np.zeros((S, y.shape[1]), F32)
-        order = np.argsort(idx, axis=1, kind="stable")      # the reference adds by expert id
-        for s in range(S):
-            for j in order[s]:
-                out[s] += routed[s, j]
-        return out + y[S * k:]
+        y_flat, yoff = y
+        order = np.argsort(idx, axis=1, kind="stable") + np.arange(S)[:, None] * k
+        out = np.empty(x.shape, F32)
+        moe_glue.combine_rows(y_flat, yoff, order, np.arange(S * k, n), self._rnd, out)
+        return out
 
     def _jobs(self, weights, x2, xrows):
         """y_j = weights[j] @ x2[xrows[j]] for matrices of any sizes and table formats, one
-        parallel region per format -> list of float32 [O_j] (None if a matrix is unknown)."""
+        parallel region per format, into one float32 buffer -> (y, start) with job j's
+        result at y[start[j]:start[j] + O_j] (jobs of one format are consecutive in y, in
+        job order), or None if a matrix is unknown."""
         locs = [self.where.get(_key(wj)) for wj in weights]
         if any(loc is None for loc in locs):
             return None
-        out = [None] * len(weights)
+        code = np.array([gemv.FORMATS.index(f) for f, _ in locs], np.int64)
+        mats = np.array([i for _, i in locs], np.int64)
+        xrows = np.asarray(xrows, np.int64)
+        perm = np.argsort(code, kind="stable")
+        sizes = np.empty(len(weights), np.int64)
         for fmt in {f for f, _ in locs}:
-            sel = [j for j, (f, _) in enumerate(locs) if f == fmt]
+            sel = code == gemv.FORMATS.index(fmt)
+            sizes[sel] = self.tables[fmt].out_features[mats[sel]]
+        start = np.empty(len(weights), np.int64)
+        start[perm] = np.concatenate([[0], np.cumsum(sizes[perm])[:-1]])
+        y = np.empty(int(sizes.sum()), F32)
+        for fmt in [f for f in gemv.FORMATS if f in {f for f, _ in locs}]:
+            sel = perm[code[perm] == gemv.FORMATS.index(fmt)]
             table = self.tables[fmt]
-            mats = np.array([locs[j][1] for j in sel], np.int64)
             xp = self.k.prepare_x(fmt, x2, table.block[1])
-            y = self.k.gemv_batch(table, mats, xp, np.asarray(xrows, np.int64)[sel])
-            ends = np.cumsum(table.out_features[mats])
-            for j, part in zip(sel, np.split(y, ends[:-1])):
-                out[j] = part
-        return out
+            a = start[sel[0]]
+            self.k.gemv_batch(table, mats[sel], xp, xrows[sel], out=y[a:a + sizes[sel].sum()])
+        return y, start
 
     def logits(self, y, head):
         return self._matmul(y, head, False)
