@@ -75,8 +75,8 @@ class FusedOps:
 
     def rope(self, x, positions, rope, inverse=False):
         out = own(x)
-        cos, sin = rope.cos_sin(positions)
-        glue.rope_rows(out.reshape(x.shape[0], -1, x.shape[-1]), cos, sin, inverse, self._rnd)
+        glue.rope_rows(out.reshape(x.shape[0], -1, x.shape[-1]), np.asarray(positions, np.int64),
+                       rope.freqs, inverse, self._rnd)
         return out
 
     def hadamard(self, x):

@@ -170,23 +170,29 @@ def head_norm_rows(q, eps, rnd):
 
 
 @njit(**_OPTS)
-def rope_rows(x, cos, sin, inverse, rnd):
-    """In place on the last 2*len(cos[0]) dims of x [S, H, D]: rotate pairs by the angles
-    of row s (cos/sin [S, R/2]); the other dims are only rounded (as the reference does)."""
+def rope_rows(x, positions, freqs, inverse, rnd):
+    """In place on the last 2*len(freqs) dims of x [S, H, D]: rotate pairs by the angles
+    fp32(positions[s]) * freqs (cos and sin in float64, rounded to float32, as Rope.cos_sin);
+    the other dims are only rounded (as the reference does)."""
     S, H, D = x.shape
-    half = cos.shape[1]
+    half = freqs.shape[0]
     base = D - 2 * half
+    cos = np.empty(half, F32)
+    sin = np.empty(half, F32)
     for s in range(S):
+        p = F32(positions[s])
+        for i in range(half):
+            ang = np.float64(F32(p * freqs[i]))
+            cos[i] = F32(math.cos(ang))
+            sin[i] = -F32(math.sin(ang)) if inverse else F32(math.sin(ang))
         for h in range(H):
             for j in range(base):
                 x[s, h, j] = _rnd(x[s, h, j], rnd)
             for i in range(half):
-                c = cos[s, i]
-                sn = -sin[s, i] if inverse else sin[s, i]
                 a = x[s, h, base + 2 * i]
                 b = x[s, h, base + 2 * i + 1]
-                x[s, h, base + 2 * i] = _rnd(a * c - b * sn, rnd)
-                x[s, h, base + 2 * i + 1] = _rnd(a * sn + b * c, rnd)
+                x[s, h, base + 2 * i] = _rnd(a * cos[i] - b * sin[i], rnd)
+                x[s, h, base + 2 * i + 1] = _rnd(a * sin[i] + b * cos[i], rnd)
 
 
 @njit(**_OPTS)
