@@ -52,6 +52,10 @@ def configure_threads(threads: int | None, mode: str = "omp") -> int:
     n = min(threads or available_cores(), available_cores())
     for k, v in threading_env(mode).items():
         os.environ.setdefault(k, v)
+    # Numba re-reads its configuration whenever it compiles; without this variable the pool
+    # size defaults to the main thread's CPU affinity, which the pinned OpenMP pool narrows,
+    # and a compile after the pool started would then fail.
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(available_cores()))
     return set_threads(n)
 
 

@@ -155,3 +155,32 @@ def test_truncated_and_corrupt_shards(copy_of):
 def test_debug_shows_traceback():
     r = dsv4("--debug", "generate", "-m", "/no/such/folder", "-p", "x")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_thread_settings_survive_compiles_after_the_pool_starts():
+    """A kernel compiled after the pinned OpenMP pool started must not fail: Numba re-reads
+    its configuration on every compile and would otherwise take the pool size from the main
+    thread's (narrowed) CPU affinity. Compiles a fresh function after a parallel region."""
+    code = (
+        "import os\n"
+        "from dsv4.cli.common import configure_threads\n"
+        "configure_threads(None, 'omp')\n"
+        "import numba, numpy as np\n"
+        "@numba.njit(parallel=True)\n"
+        "def par(a):\n"
+        "    s = 0.0\n"
+        "    for i in numba.prange(a.size):\n"
+        "        s += a[i]\n"
+        "    return s\n"
+        "par(np.ones(1000))\n"
+        "@numba.njit\n"
+        "def later(x):\n"
+        "    return x + 1\n"
+        "later(1)\n"
+        "numba.set_num_threads(1)\n"
+        "print(os.environ['NUMBA_NUM_THREADS'], numba.config.NUMBA_NUM_THREADS)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_NUM", "OMP_"))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cores = str(len(os.sched_getaffinity(0)))
+    assert r.stdout.split() == [cores, cores]

@@ -49,8 +49,8 @@ class FusedOps:
 
     def hc_post(self, a, X, post, comb):
         out = np.empty(X.shape, F32)
-        glue.hc_post_rows(np.ascontiguousarray(a, dtype=F32), np.ascontiguousarray(X, dtype=F32),
-                          post, comb, self._rnd, out)
+        fn = glue.hc_post_rows if X.shape[0] > 1 else glue.hc_post_rows_serial
+        fn(np.ascontiguousarray(a, dtype=F32), np.ascontiguousarray(X, dtype=F32), post, comb, self._rnd, out)
         return out
 
     def hc_head(self, X, p, hc_eps, norm_eps):

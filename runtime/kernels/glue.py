@@ -111,18 +111,31 @@ def _normalise(c, rows, eps):
                 c[b, a] = c[b, a] / den
 
 
+@njit(inline="always")
+def _hc_post_row(a, X, post, comb, rnd, out):
+    """out[k] = post[k] a + sum_j comb[j, k] X[j] for one token (a [d], X [hc, d])."""
+    hc, d = X.shape
+    for k in range(hc):
+        pk = np.float64(post[k])
+        for j in range(d):
+            acc = pk * np.float64(a[j])
+            for i in range(hc):
+                acc += np.float64(comb[i, k]) * np.float64(X[i, j])
+            out[k, j] = _rnd(acc, rnd)
+
+
 @njit(cache=True, parallel=True, boundscheck=False, error_model="numpy", nogil=True)
 def hc_post_rows(a, X, post, comb, rnd, out):
     """out[s, k] = post[s, k] a[s] + sum_j comb[s, j, k] X[s, j]  (a [S, d], X [S, hc, d])."""
-    S, hc, d = X.shape
-    for s in prange(S):
-        for k in range(hc):
-            pk = np.float64(post[s, k])
-            for j in range(d):
-                acc = pk * np.float64(a[s, j])
-                for i in range(hc):
-                    acc += np.float64(comb[s, i, k]) * np.float64(X[s, i, j])
-                out[s, k, j] = _rnd(acc, rnd)
+    for s in prange(X.shape[0]):
+        _hc_post_row(a[s], X[s], post[s], comb[s], rnd, out[s])
+
+
+@njit(**_OPTS)
+def hc_post_rows_serial(a, X, post, comb, rnd, out):
+    """hc_post_rows on one thread (decode: a parallel region per token costs more)."""
+    for s in range(X.shape[0]):
+        _hc_post_row(a[s], X[s], post[s], comb[s], rnd, out[s])
 
 
 @njit(**_OPTS)
