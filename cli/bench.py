@@ -9,6 +9,8 @@ import time
 
 import click
 
+from dsv4.runtime.threads import THREADING
+
 from .common import configure_threads, model_option, note_first_compile, numerics_from
 
 
@@ -59,9 +61,9 @@ def machine_description() -> dict:
 @click.option("--depth", "depths", default="0", show_default=True,
               help="Context depths to run the tests at (comma-separated), e.g. 0,4096,32768.")
 @click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast", show_default=True)
-@click.option("--threading", type=click.Choice(["omp", "omp-spin", "tbb"]), default="omp",
+@click.option("--threading", type=click.Choice(THREADING), default="omp",
               show_default=True,
-              help="Thread pool (see `dsv4 generate --help`); omp-spin favours tg over pp.")
+              help="Thread pool (see `dsv4 generate --help`): omp-spin favours tg, omp-yield pp.")
 @click.option("--exact", is_flag=True, help="Exact-math mode (no rounding steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None,
