@@ -75,8 +75,8 @@ def _out(out, shape, dtype=np.float32):
 
 
 # ------------------------------------------------------------------ KV rows
-def read_kv_fp8(codes, exps, rope, rows, block: int = 64, out=None) -> np.ndarray:
-    """Fp8KVStore rows -> f32[n, N + Rd], bit-identical to Fp8KVStore.read(rows)."""
+def _fp8_store_dims(codes, exps, rope, block: int) -> tuple[int, int]:
+    """Check the arrays of an Fp8KVStore -> (rows R, nope dims N)."""
     _arr(codes, np.uint8, "codes", 2)
     _arr(exps, np.int8, "exps", 2)
     _arr(rope, np.uint16, "rope", 2)
@@ -84,6 +84,12 @@ def read_kv_fp8(codes, exps, rope, rows, block: int = 64, out=None) -> np.ndarra
     if exps.shape != (R, -(-N // block)) or rope.shape[0] != R:
         raise ValueError(f"KV store arrays disagree: codes {codes.shape}, exps {exps.shape}, "
                          f"rope {rope.shape}, block {block}")
+    return R, N
+
+
+def read_kv_fp8(codes, exps, rope, rows, block: int = 64, out=None) -> np.ndarray:
+    """Fp8KVStore rows -> f32[n, N + Rd], bit-identical to Fp8KVStore.read(rows)."""
+    R, N = _fp8_store_dims(codes, exps, rope, block)
     rows = _rows(rows, R)
     out = _out(out, (rows.size, N + rope.shape[1]))
     read_kv_fp8_into(codes, exps, rope, rows, block, out)
@@ -139,13 +145,7 @@ def write_kv(store, rows, x) -> None:
     in place (rows: int array or slice; x [n, D]). Other stores: their own write."""
     if isinstance(store, Fp8KVStore):
         codes, exps, rope, block = store.codes, store.exps, store.rope, store.block
-        _arr(codes, np.uint8, "codes", 2)
-        _arr(exps, np.int8, "exps", 2)
-        _arr(rope, np.uint16, "rope", 2)
-        R, N = codes.shape
-        if exps.shape != (R, -(-N // block)) or rope.shape[0] != R:
-            raise ValueError(f"KV store arrays disagree: codes {codes.shape}, exps {exps.shape}, "
-                             f"rope {rope.shape}, block {block}")
+        R, N = _fp8_store_dims(codes, exps, rope, block)
         rows, x, par = _write_args(rows, x, R, N + rope.shape[1])
         (write_kv_fp8_par if par else write_kv_fp8_into)(x, rows, block, codes, exps, rope)
     elif isinstance(store, Fp4KeyStore):
