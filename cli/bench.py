@@ -63,7 +63,7 @@ def machine_description() -> dict:
 @click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast", show_default=True)
 @click.option("--threading", type=click.Choice(THREADING), default="omp",
               show_default=True,
-              help="Thread pool (see `dsv4 generate --help`): omp-spin favours tg, omp-yield pp.")
+              help="Thread pool (see `dsv4 generate --help`); omp-spin favours tg over pp.")
 @click.option("--exact", is_flag=True, help="Exact-math mode (no rounding steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None,

@@ -24,9 +24,8 @@ def runtime_options(f):
                      help="Worker threads (default: all available cores)."),
         click.option("--threading", type=click.Choice(THREADING), default="omp", show_default=True,
                      help="Thread pool: omp suits mixed prefill and decode; omp-spin keeps "
-                          "workers spinning (decode up to ~10% faster, prefill about half "
-                          "as fast); omp-yield lets them sleep at once (prefill ~20% faster, "
-                          "decode ~15% slower); tbb needs `pip install tbb`."),
+                          "workers spinning (decode up to ~10% faster in some runs, prefill "
+                          "about half as fast); tbb needs `pip install tbb`."),
         click.option("--backend", type=click.Choice(["fast", "ref"]), default="fast",
                      show_default=True,
                      help="fast: Numba/llvmlite kernels; ref: the plain NumPy reference."),

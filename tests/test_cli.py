@@ -184,3 +184,14 @@ def test_thread_settings_survive_compiles_after_the_pool_starts():
     assert r.returncode == 0, r.stderr[-2000:]
     cores = str(len(os.sched_getaffinity(0)))
     assert r.stdout.split() == [cores, cores]
+
+
+def test_threading_modes():
+    from dsv4.runtime.errors import DsvError
+    from dsv4.runtime.threads import threading_env
+    omp = threading_env("omp")
+    assert omp["NUMBA_THREADING_LAYER"] == "omp" and omp["GOMP_SPINCOUNT"] == "30000"
+    spin = threading_env("omp-spin")
+    assert spin["OMP_WAIT_POLICY"] == "active" and "GOMP_SPINCOUNT" not in spin
+    with pytest.raises(DsvError, match="--threading"):
+        threading_env("fastest")

@@ -144,7 +144,7 @@ def test_write_kv_fp4_bit_exact(rng, Id, n):
     R = 2 * n + 5
     x = kv_rows(rng, n, Id, E2M1_GRID, 6.0)
     for rows in row_forms(rng, R, n):
-        st = check_write(lambda: Fp4KeyStore(R, Id), rng, x, rows)
+        check_write(lambda: Fp4KeyStore(R, Id), rng, x, rows)
     x = q4(x[n // 2:], 32)                                # FP4-rounded keys (the model's)
     check_write(lambda: Fp4KeyStore(R, Id), rng, x, np.arange(x.shape[0]) + 1)
 

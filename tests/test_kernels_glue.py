@@ -150,7 +150,7 @@ def test_swiglu_and_combine_kernels(rng):
             else:                             # ... which may flip a rare bf16 / e4m3 rounding
                 assert np.mean(got != ref) < 0.01
                 np.testing.assert_allclose(got, ref, rtol=0.13, atol=1e-30)
-        S, k, d = 2, 2, 7
+        S, d = 2, 7
         y = rng.standard_normal(5 * d).astype(np.float32)
         order = np.array([[1, 0], [3, 2]])
         out = np.empty((S, d), np.float32)

@@ -33,9 +33,13 @@ def advance(w: CompressorW, st: CompressorState, u: np.ndarray, g: np.ndarray, p
     [S, c*Dc]; return (first entry index, raw pooled entries [n, Dc])."""
     S = u.shape[0]
     m, dc = w.ratio, w.head_dim
+    r0 = p0 % m
+    if r0 + S < m:                       # the block stays unfinished (most decode steps)
+        st.kv[r0:r0 + S] = u
+        st.score[r0:r0 + S] = g + w.ape[r0:r0 + S]
+        return p0 // m, np.zeros((0, dc), F32)
     score = (g + w.ape[np.arange(p0, p0 + S) % m]).astype(F32)
     # rows of the unfinished block that precede this chunk, then the chunk's rows
-    r0 = p0 % m
     kv_all = np.concatenate([st.kv[:r0], u])              # [r0 + S, c*Dc]
     sc_all = np.concatenate([st.score[:r0], score])
     first = p0 // m

@@ -305,16 +305,15 @@ class FastBackend(FusedOps, RefBackend):
         code = np.array([gemv.FORMATS.index(f) for f, _ in locs], np.int64)
         mats = np.array([i for _, i in locs], np.int64)
         xrows = np.asarray(xrows, np.int64)
-        perm = np.argsort(code, kind="stable")
+        perm = np.argsort(code, kind="stable")                 # jobs grouped by format
+        fmts = [(gemv.FORMATS[c], perm[code[perm] == c]) for c in np.unique(code)]
         sizes = np.empty(len(weights), np.int64)
-        for fmt in {f for f, _ in locs}:
-            sel = code == gemv.FORMATS.index(fmt)
+        for fmt, sel in fmts:
             sizes[sel] = self.tables[fmt].out_features[mats[sel]]
         start = np.empty(len(weights), np.int64)
         start[perm] = np.concatenate([[0], np.cumsum(sizes[perm])[:-1]])
         y = np.empty(int(sizes.sum()), F32)
-        for fmt in [f for f in gemv.FORMATS if f in {f for f, _ in locs}]:
-            sel = perm[code[perm] == gemv.FORMATS.index(fmt)]
+        for fmt, sel in fmts:
             table = self.tables[fmt]
             xp = self.k.prepare_x(fmt, x2, table.block[1])
             a = start[sel[0]]
