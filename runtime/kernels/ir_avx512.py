@@ -106,18 +106,21 @@ def _fp4_group(f: Fn, w, x, buf, g, acc, nt, tbl, ctrl):
     return f(f"call {Z} @llvm.fma.v16f32({Z} {s}, {Z} {f.splat('float', 16, sc)}, {Z} {acc})")
 
 
+def _scales_to_buf(f: Fn, src: str, n: str) -> None:
+    """Decode the n e8m0 bytes at src into floats at %buf, 16 per step (masked tail)."""
+    def scales(f, c, _):
+        off = f(f"shl i64 {c}, 4")
+        m = mask_first(f, 16, f(f"sub i64 {n}, {off}"))
+        b = f.masked_load("<16 x i8>", f.gep("i8", src, off), m)
+        f.put(f"store <16 x float> {f.e8m0(b, 16)}, ptr {f.gep('float', '%buf', off)}, align 4")
+        return []
+    counted_loop(f, f("lshr i64 " + f(f"add i64 {n}, 15") + ", 4"), scales, [], "sc")
+
+
 def _fp4_row(nt: int, unroll: int = 4) -> str:
     tbl, ctrl = _fp4_consts()
     f = Fn(f"define internal float @avx512_fp4_row{nt}(ptr %w, ptr %s, ptr %x, i64 %ng, ptr %buf) alwaysinline")
-    nch = f("lshr i64 " + f("add i64 %ng, 15") + ", 4")
-
-    def scales(f, c, _):
-        off = f(f"shl i64 {c}, 4")
-        m = mask_first(f, 16, f(f"sub i64 %ng, {off}"))
-        b = f.masked_load("<16 x i8>", f.gep("i8", "%s", off), m)
-        f.put(f"store <16 x float> {f.e8m0(b, 16)}, ptr {f.gep('float', '%buf', off)}, align 4")
-        return []
-    counted_loop(f, nch, scales, [], "sc")
+    _scales_to_buf(f, "%s", "%ng")
 
     def main(f, u, accs):
         g0 = f(f"mul i64 {u}, {unroll}")
@@ -197,14 +200,7 @@ def _fp8_row128(nt: int) -> str:
     tabs = _fp8_tables()
     f = Fn(f"define internal float @avx512_fp8_r128_{nt}(ptr %w, ptr %srow, ptr %x, i64 %K, ptr %buf) alwaysinline")
     ntiles = f("lshr i64 " + f("add i64 %K, 127") + ", 7")
-
-    def scales(f, c, _):
-        off = f(f"shl i64 {c}, 4")
-        m = mask_first(f, 16, f(f"sub i64 {ntiles}, {off}"))
-        b = f.masked_load("<16 x i8>", f.gep("i8", "%srow", off), m)
-        f.put(f"store <16 x float> {f.e8m0(b, 16)}, ptr {f.gep('float', '%buf', off)}, align 4")
-        return []
-    counted_loop(f, f("lshr i64 " + f(f"add i64 {ntiles}, 15") + ", 4"), scales, [], "sc")
+    _scales_to_buf(f, "%srow", ntiles)
 
     def tile(f, t, acc, nfull=2, rem=None):
         tmp = [("zeroinitializer")] * (2 * nt)
