@@ -8,6 +8,8 @@ two backends agree to float32 noise end to end.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from ..backend import RefBackend
@@ -46,6 +48,60 @@ def _key(w) -> int:
     return id(w.weight) if isinstance(w, LinearW) else id(w)
 
 
+class _MoEPlan(NamedTuple):
+    """Table rows of one MoE layer's matrices (see FastBackend._moe_plan)."""
+    fmt: str                      # routed experts' format
+    w1: np.ndarray                # int64 [E] table row of expert e's w1
+    w3: np.ndarray
+    w2: np.ndarray
+    sfmt: str                     # shared expert's format
+    s1: int
+    s3: int
+    s2: int
+    inter: int
+    w2_quantized: bool
+    w2_block: int
+
+
+def _moe_plan(where, w: MoEW) -> _MoEPlan | None:
+    experts = list(w.experts)
+    sh = w.shared
+    inter = sh.w1.out_features
+    for e in experts + [sh]:
+        if (e.w1.out_features != inter or e.w3.out_features != inter or e.w2.in_features != inter
+                or e.w2.quantized != sh.w2.quantized or e.w2.block[1] != sh.w2.block[1]):
+            return None
+    locs = {name: [where.get(_key(getattr(e, name))) for e in experts + [sh]] for name in ("w1", "w3", "w2")}
+    if any(loc is None for v in locs.values() for loc in v):
+        return None
+    fmts = {loc[0] for v in locs.values() for loc in v[:-1]}
+    sfmts = {v[-1][0] for v in locs.values()}
+    if len(fmts) != 1 or len(sfmts) != 1:
+        return None
+    rows = {name: np.array([loc[1] for loc in v[:-1]], np.int64) for name, v in locs.items()}
+    return _MoEPlan(fmts.pop(), rows["w1"], rows["w3"], rows["w2"], sfmts.pop(), locs["w1"][-1][1],
+                    locs["w3"][-1][1], locs["w2"][-1][1], inter, sh.w2.quantized, sh.w2.block[1])
+
+
+def _job_plan(where, tables, weights, xrows):
+    """Jobs grouped by table format -> (segments [(fmt, rows, x rows)], start [J], total),
+    or False when a matrix is not in the tables."""
+    locs = [where.get(_key(wj)) for wj in weights]
+    if any(loc is None for loc in locs):
+        return False
+    xrows = np.asarray(xrows, np.int64)
+    fmts = sorted({f for f, _ in locs}, key=gemv.FORMATS.index)
+    segments, start, a = [], np.empty(len(weights), np.int64), 0
+    for fmt in fmts:
+        sel = [j for j, (f, _) in enumerate(locs) if f == fmt]
+        mats = np.array([locs[j][1] for j in sel], np.int64)
+        sizes = tables[fmt].out_features[mats]
+        start[sel] = a + np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        a += int(sizes.sum())
+        segments.append((fmt, mats, xrows[sel]))
+    return segments, start, a
+
+
 class FastBackend(FusedOps, RefBackend):
     name = "fast"
 
@@ -56,6 +112,8 @@ class FastBackend(FusedOps, RefBackend):
         self.tables: dict[str, gemv.MatTable] = {}
         self.groups: dict[int, int] = {}               # _key(wo_a) -> first group row
         self._scratch = np.empty(0, F32)                # reused dequantization buffer
+        self._moe_plans: dict = {}                      # id(MoEW) -> _MoEPlan | None
+        self._job_plans: dict = {}                      # (weight keys, rows) -> job layout
 
     # ------------------------------------------------------------ set-up
     def prepare(self, model) -> None:
@@ -260,65 +318,76 @@ class FastBackend(FusedOps, RefBackend):
             y[rows] += self._expert_rows(xq[rows], w.experts[e], limit, wts[rows, slot])
         return y + self._expert_rows(xq, w.shared, shared_limit, None)
 
+    def _moe_plan(self, w: MoEW):
+        """Per MoE layer, once: table rows of every expert's w1, w3, w2 (index = expert id)
+        and of the shared expert's, or None when the decode path does not apply (experts of
+        mixed formats or sizes, or matrices missing from the tables)."""
+        key = id(w)
+        if key not in self._moe_plans:
+            self._moe_plans[key] = _moe_plan(self.where, w)
+        return self._moe_plans[key]
+
     def _moe_decode(self, x, idx, wts, w: MoEW, limit, shared_limit):
         """Routed experts of all rows and the shared expert: w1/w3 in one gemv region per
         weight format, the fused SwiGLU + quantization (moe_glue.py), w2 likewise, then the
-        fused sum."""
+        fused sum. Jobs: routed (row s, slot t) is job s*k + t, the shared expert of row s
+        is job S*k + s."""
+        plan = self._moe_plan(w)
+        if plan is None:
+            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
         S, k = idx.shape
-        experts = [w.experts[e] for e in idx.reshape(-1)] + [w.shared] * S     # n jobs
-        rows = np.concatenate([np.repeat(np.arange(S), k), np.arange(S)])
-        n = len(experts)
-        inter = w.shared.w1.out_features
-        w2 = w.shared.w2
-        if any(e.w1.out_features != inter or e.w3.out_features != inter or e.w2.quantized != w2.quantized
-               or e.w2.block[1] != w2.block[1] for e in experts):
-            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
+        e = idx.reshape(-1)
+        nr, n, inter = S * k, S * k + S, plan.inter
+        rows_r, rows_s = np.repeat(np.arange(S), k), np.arange(S)
         xq = self._quantized_input(x, w.shared.w1, True)
-        gu = self._jobs([e.w1 for e in experts] + [e.w3 for e in experts], xq,
-                        np.concatenate([rows, rows]))
-        if gu is None:
-            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
-        y_gu, off = gu
-        lim = np.array([limit] * (S * k) + [shared_limit] * S, F32)
+        # w1 and w3: gate outputs of all jobs first, then the up outputs (job order)
+        gu = self._run([(plan.fmt, np.concatenate([plan.w1[e], plan.w3[e]]), np.concatenate([rows_r, rows_r])),
+                        (plan.sfmt, np.array([plan.s1] * S + [plan.s3] * S, np.int64), np.tile(rows_s, 2))],
+                       [xq, xq], 2 * n * inter)
+        goff = np.concatenate([np.arange(nr), 2 * nr + np.arange(S)]) * inter
+        uoff = np.concatenate([nr + np.arange(nr), 2 * nr + S + np.arange(S)]) * inter
+        lim = np.array([limit] * nr + [shared_limit] * S, F32)
         weight = np.concatenate([wts.reshape(-1).astype(F32), np.ones(S, F32)])
-        quant = self.num.quantize_activations and w2.quantized
+        quant = self.num.quantize_activations and plan.w2_quantized
         h = np.empty((n, inter), F32)
-        moe_glue.swiglu_rows(y_gu, off[:n], off[n:], inter, lim, weight, self._rnd,
-                             w2.block[1] if quant else 0, h)
-        y = self._jobs([e.w2 for e in experts], h, np.arange(n))
-        if y is None:
-            return super().moe_experts(x, idx, wts, w, limit, shared_limit)
-        y_flat, yoff = y
+        moe_glue.swiglu_rows(gu, goff, uoff, inter, lim, weight, self._rnd, plan.w2_block if quant else 0, h)
+        d = x.shape[1]
+        y = self._run([(plan.fmt, plan.w2[e], np.arange(nr)), (plan.sfmt, np.full(S, plan.s2, np.int64), rows_s)],
+                      [h[:nr], h[nr:]], n * d)
         order = np.argsort(idx, axis=1, kind="stable") + np.arange(S)[:, None] * k
         out = np.empty(x.shape, F32)
-        moe_glue.combine_rows(y_flat, yoff, order, np.arange(S * k, n), self._rnd, out)
+        moe_glue.combine_rows(y, np.arange(n) * d, order, np.arange(nr, n), self._rnd, out)
         return out
+
+    def _run(self, segments, xs, total):
+        """Segments (fmt, table rows [J], x rows [J]) applied in order to the inputs xs (one
+        float32 [n, K] per segment): one gemv region per segment, results concatenated in
+        job order into one float32 vector of `total` values."""
+        y = np.empty(total, F32)
+        a = 0
+        for (fmt, mats, xsel), x2 in zip(segments, xs):
+            table = self.tables[fmt]
+            b = a + int(table.out_features[mats].sum())
+            self.k.gemv_batch(table, mats, self.k.prepare_x(fmt, x2, table.block[1]), xsel, out=y[a:b])
+            a = b
+        if a != total:
+            raise ValueError(f"gemv jobs give {a} values, expected {total}")
+        return y
 
     def _jobs(self, weights, x2, xrows):
         """y_j = weights[j] @ x2[xrows[j]] for matrices of any sizes and table formats, one
         parallel region per format, into one float32 buffer -> (y, start) with job j's
         result at y[start[j]:start[j] + O_j] (jobs of one format are consecutive in y, in
-        job order), or None if a matrix is unknown."""
-        locs = [self.where.get(_key(wj)) for wj in weights]
-        if any(loc is None for loc in locs):
+        job order), or None if a matrix is unknown. The job layout is computed once per
+        list of weights and rows (decode repeats the same lists every token)."""
+        key = (tuple(_key(wj) for wj in weights), tuple(xrows))
+        plan = self._job_plans.get(key)
+        if plan is None:
+            plan = self._job_plans[key] = _job_plan(self.where, self.tables, weights, xrows)
+        if plan is False:
             return None
-        code = np.array([gemv.FORMATS.index(f) for f, _ in locs], np.int64)
-        mats = np.array([i for _, i in locs], np.int64)
-        xrows = np.asarray(xrows, np.int64)
-        perm = np.argsort(code, kind="stable")                 # jobs grouped by format
-        fmts = [(gemv.FORMATS[c], perm[code[perm] == c]) for c in np.unique(code)]
-        sizes = np.empty(len(weights), np.int64)
-        for fmt, sel in fmts:
-            sizes[sel] = self.tables[fmt].out_features[mats[sel]]
-        start = np.empty(len(weights), np.int64)
-        start[perm] = np.concatenate([[0], np.cumsum(sizes[perm])[:-1]])
-        y = np.empty(int(sizes.sum()), F32)
-        for fmt, sel in fmts:
-            table = self.tables[fmt]
-            xp = self.k.prepare_x(fmt, x2, table.block[1])
-            a = start[sel[0]]
-            self.k.gemv_batch(table, mats[sel], xp, xrows[sel], out=y[a:a + sizes[sel].sum()])
-        return y, start
+        segments, start, total = plan
+        return self._run(segments, [x2] * len(segments), total), start
 
     def logits(self, y, head):
         return self._matmul(y, head, False)

@@ -51,14 +51,38 @@ def _sigmoid(v):
 
 
 @njit(inline="always")
+def sumsq(v, rnd):
+    """Sum of squares of a float32 vector (each value bf16-rounded first when rnd) in
+    float64, in 8 interleaved partial sums (a serial float64 chain is latency-bound)."""
+    n = v.shape[0]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        a0, a1 = np.float64(_rnd(v[j], rnd)), np.float64(_rnd(v[j + 1], rnd))
+        a2, a3 = np.float64(_rnd(v[j + 2], rnd)), np.float64(_rnd(v[j + 3], rnd))
+        a4, a5 = np.float64(_rnd(v[j + 4], rnd)), np.float64(_rnd(v[j + 5], rnd))
+        a6, a7 = np.float64(_rnd(v[j + 6], rnd)), np.float64(_rnd(v[j + 7], rnd))
+        s0 += a0 * a0
+        s1 += a1 * a1
+        s2 += a2 * a2
+        s3 += a3 * a3
+        s4 += a4 * a4
+        s5 += a5 * a5
+        s6 += a6 * a6
+        s7 += a7 * a7
+    for j in range(n8, n):
+        a0 = np.float64(_rnd(v[j], rnd))
+        s0 += a0 * a0
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(inline="always")
 def _inv_rms(Xs, norm_eps):
     """1 / rms over all hc copies of one token, Xs [hc, d] (float64 sum, float32 result)."""
     hc, d = Xs.shape
     ms = 0.0
     for i in range(hc):
-        for j in range(d):
-            v = np.float64(Xs[i, j])
-            ms += v * v
+        ms += sumsq(Xs[i], False)
     return F32(1.0 / np.sqrt(np.float64(F32(ms / (hc * d))) + F32(norm_eps)))
 
 
@@ -68,6 +92,7 @@ def hc_pre_rows(X, mix, base, scale, iters, hc_eps, norm_eps, rnd, x_out, post, 
     -> x_out [S, d] = sum_i pre_i X_i, post [S, hc], comb [S, hc, hc] (Sinkhorn)."""
     S, hc, d = X.shape
     c = np.empty((hc, hc), np.float32)
+    acc = np.empty(d, np.float64)
     for s in range(S):
         r = _inv_rms(X[s], norm_eps)
         pre = np.empty(hc, np.float32)
@@ -89,11 +114,22 @@ def hc_pre_rows(X, mix, base, scale, iters, hc_eps, norm_eps, rnd, x_out, post, 
             _normalise(c, True, hc_eps)
             _normalise(c, False, hc_eps)
         comb[s] = c
+        _mix_rows(X[s], pre, rnd, acc, x_out[s])
+
+
+@njit(inline="always")
+def _mix_rows(Xs, w, rnd, acc, out):
+    """out [d] = sum_i w[i] Xs[i] (Xs [hc, d]) in float64 (acc: a float64 [d] buffer),
+    added in order of i; the loops run over d innermost so they vectorize."""
+    hc, d = Xs.shape
+    for j in range(d):
+        acc[j] = 0.0
+    for i in range(hc):
+        wi = np.float64(w[i])
         for j in range(d):
-            acc = 0.0
-            for i in range(hc):
-                acc += np.float64(pre[i]) * np.float64(X[s, i, j])
-            x_out[s, j] = _rnd(acc, rnd)
+            acc[j] += wi * np.float64(Xs[i, j])
+    for j in range(d):
+        out[j] = _rnd(acc[j], rnd)
 
 
 @njit(inline="always")
@@ -115,13 +151,17 @@ def _normalise(c, rows, eps):
 def _hc_post_row(a, X, post, comb, rnd, out):
     """out[k] = post[k] a + sum_j comb[j, k] X[j] for one token (a [d], X [hc, d])."""
     hc, d = X.shape
+    acc = np.empty(d, np.float64)
     for k in range(hc):
         pk = np.float64(post[k])
         for j in range(d):
-            acc = pk * np.float64(a[j])
-            for i in range(hc):
-                acc += np.float64(comb[i, k]) * np.float64(X[i, j])
-            out[k, j] = _rnd(acc, rnd)
+            acc[j] = pk * np.float64(a[j])
+        for i in range(hc):
+            cik = np.float64(comb[i, k])
+            for j in range(d):
+                acc[j] += cik * np.float64(X[i, j])
+        for j in range(d):
+            out[k, j] = _rnd(acc[j], rnd)
 
 
 @njit(cache=True, parallel=True, boundscheck=False, error_model="numpy", nogil=True)
@@ -142,16 +182,13 @@ def hc_post_rows_serial(a, X, post, comb, rnd, out):
 def hc_head_rows(X, mix, base, scale, hc_eps, norm_eps, rnd, out):
     """Final mix: out [S, d] = sum_i (sigmoid(mix_i r scale + base_i) + eps) X_i."""
     S, hc, d = X.shape
+    acc = np.empty(d, np.float64)
     for s in range(S):
         r = _inv_rms(X[s], norm_eps)
         w = np.empty(hc, np.float64)
         for i in range(hc):
             w[i] = _sigmoid(mix[s, i] * r * scale[0] + base[i]) + F32(hc_eps)
-        for j in range(d):
-            acc = 0.0
-            for i in range(hc):
-                acc += w[i] * np.float64(X[s, i, j])
-            out[s, j] = _rnd(acc, rnd)
+        _mix_rows(X[s], w, rnd, acc, out[s])
 
 
 @njit(**_OPTS)
@@ -159,10 +196,7 @@ def rmsnorm_rows(x, weight, eps, rnd_in, rnd_out, out):
     """out = weight * x / rms(x) per row of x [S, n] (optionally bf16 before and after)."""
     S, n = x.shape
     for s in range(S):
-        ms = 0.0
-        for j in range(n):
-            v = np.float64(_rnd(x[s, j], rnd_in))
-            ms += v * v
+        ms = sumsq(x[s], rnd_in)
         r = F32(1.0 / np.sqrt(np.float64(F32(ms / n)) + F32(eps)))
         for j in range(n):
             out[s, j] = _rnd(weight[j] * (_rnd(x[s, j], rnd_in) * r), rnd_out)
@@ -174,9 +208,7 @@ def head_norm_rows(q, eps, rnd):
     S, H, D = q.shape
     for s in range(S):
         for h in range(H):
-            ms = 0.0
-            for j in range(D):
-                ms += np.float64(q[s, h, j]) * np.float64(q[s, h, j])
+            ms = sumsq(q[s, h], False)
             r = F32(1.0 / np.sqrt(np.float64(F32(ms / D)) + F32(eps)))
             for j in range(D):
                 q[s, h, j] = _rnd(q[s, h, j] * r, rnd)

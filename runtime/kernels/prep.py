@@ -175,13 +175,15 @@ def prepare(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple[np.nd
         xi = fp4_int(x)
         if xi is not None:
             return xi, 0
-    from .prep_nb import bf16_exact_rows, gather_rows, terms_rows  # noqa: PLC0415
+    from .prep_nb import bf16_exact_rows, bf16_gather_rows, gather_rows, terms_rows  # noqa: PLC0415
     idx, scale = layout(variant, fmt, K, b1)
     if variant == "avx512" and fmt in TERM_FORMATS:
         nt = 1 if bf16_exact_rows(x) else 3
-        per = 32 if fmt == "fp4" else 64
         out16 = np.empty((n, idx.size * nt), np.uint16)
-        terms_rows(x, idx, per, nt, out16)
+        if nt == 1:
+            bf16_gather_rows(x, idx, out16)
+        else:
+            terms_rows(x, idx, 32 if fmt == "fp4" else 64, nt, out16)
         return out16.view(F32), nt
     out = np.empty((n, idx.size), F32)
     gather_rows(x, idx, F32(scale), out)

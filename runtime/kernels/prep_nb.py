@@ -140,6 +140,16 @@ def terms_rows(x, idx, per, nt, out16):
 
 
 @njit(cache=True, boundscheck=False)
+def bf16_gather_rows(x, idx, out16):
+    """terms_rows with one term, for x whose values are all bf16 (bf16_exact_rows): the
+    layout is then plain slot order and each word is the high half of x's bits."""
+    for r in range(x.shape[0]):
+        for j in range(idx.size):
+            e = idx[j]
+            out16[r, j] = (f32_bits(x[r, e]) >> np.uint32(16)) if e >= 0 else 0
+
+
+@njit(cache=True, boundscheck=False)
 def gather_rows(x, idx, scale, out):
     """out [n, L] = x[:, idx] * scale (idx -1 = 0)."""
     n = x.shape[0]
