@@ -339,15 +339,14 @@ def module() -> str:
                        + float_kernels("avx2"))
 
 
-def float_kernels(isa: str) -> list[str]:
+def float_kernels(isa: str, formats=("bf16", "f32")) -> list[str]:
     """bf16 / f32 rows with ymm FMAs, exported as dsv4_{isa}_{fmt}; the AVX-512 module uses
-    them too (on Zen 4 they streamed better than a zmm version)."""
+    the f32 one too (on Zen 4 it streamed better than a zmm version)."""
     def flt(fmt, esz):
         def call(f, r):
             off = f(f"mul i64 {f(f'mul i64 {r}, %K')}, {esz}")
             return f(f"call float @avx2_{fmt}_row(ptr {f.gep('i8', '%w', off)}, ptr %x, i64 %K)")
         return call
     decls = [] if isa == "avx2" else [DECLS_FLOAT]
-    return decls + [float_row("bf16"), float_row("f32"), _export("bf16", flt("bf16", 2), isa),
-                    _export("f32", flt("f32", 4), isa)]
-
+    esz = {"bf16": 2, "f32": 4}
+    return decls + [float_row(fmt) for fmt in formats] + [_export(fmt, flt(fmt, esz[fmt]), isa) for fmt in formats]

@@ -7,7 +7,7 @@ works with the variant that made it. `prepare` maps x [n, K] float32 to [n, L]:
 - avx512: bf16 planes. x = t0 + t1 + t2 exactly, t_j bf16 (`nterms` = 3); when x is already
   bf16-exact (e4m3-quantized activations are) one plane suffices (`nterms` = 1).
   fp4 [group][nterms][32 words]; fp8 [tile][chunk][nterms][64 words], chunks of 64 restarting
-  at each b1-tile; bf16 weights use the avx2 kernel and its layout.
+  at each b1-tile; bf16 [chunk][nterms][32 words] in natural order.
 - avx2: float32. fp4 [pair of groups][64] * 2^-25; fp8 [tile][chunk][32] * 2^60 (a tile's
   last partial chunk in natural order); bf16 [chunk][8 even | 8 odd] (partial chunk natural).
 - numba: natural order; fp8 * 2^60.
@@ -23,7 +23,8 @@ import numpy as np
 from . import ir_avx2, ir_avx512
 
 F32 = np.float32
-TERM_FORMATS = ("fp4", "fp8")          # formats whose avx512 kernel takes bf16 planes
+TERM_FORMATS = ("fp4", "fp8", "bf16")  # formats whose avx512 kernel takes bf16 planes
+_TERM_CHUNK = {"fp4": 32, "fp8": 64, "bf16": 32}   # words of one plane per chunk
 
 
 def bf16_rne(x: np.ndarray) -> np.ndarray:
@@ -69,6 +70,8 @@ def layout(variant: str, fmt: str, K: int, b1: int) -> tuple[np.ndarray, float]:
             return (np.arange(0, K, 32)[:, None] + ir_avx512.fp4_word_elements()[None]).ravel(), 1.0
         if fmt == "fp8":
             return _tiles(K, b1, 64, ir_avx512.fp8_word_elements(), False), 1.0
+        if fmt == "bf16":
+            return _tiles(K, K, 32, np.arange(32), False), 1.0
     if fmt == "fp4":
         npairs = -(-(K // 32) // 2)
         e = (np.arange(npairs)[:, None] * 64 + ir_avx2.fp4_pair_elements()[None]).ravel()
@@ -183,7 +186,7 @@ def prepare(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple[np.nd
         if nt == 1:
             bf16_gather_rows(x, idx, out16)
         else:
-            terms_rows(x, idx, 32 if fmt == "fp4" else 64, nt, out16)
+            terms_rows(x, idx, _TERM_CHUNK[fmt], nt, out16)
         return out16.view(F32), nt
     out = np.empty((n, idx.size), F32)
     gather_rows(x, idx, F32(scale), out)
@@ -203,7 +206,7 @@ def prepare_numpy(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple
     if variant == "avx512" and fmt in TERM_FORMATS:
         nt = 1 if bf16_exact(x) else 3
         g = _gather(bf16_terms(x, nt), idx)                       # [nt, n, L1]
-        per = 32 if fmt == "fp4" else 64
+        per = _TERM_CHUNK[fmt]
         out = np.ascontiguousarray(g.reshape(nt, n, -1, per).transpose(1, 2, 0, 3)).reshape(n, -1)
         return out.view(F32), nt
     out = _gather(x, idx)
