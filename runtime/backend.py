@@ -143,6 +143,12 @@ class RefBackend:
         return select(scores, positions, ratio, topk)
 
     # ------------------------------------------------------------ MoE
+    def route(self, logits: np.ndarray, bias, hash_idx, k: int, score_func: str,
+              route_scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """Router math (see moe.select_experts): logits [S, E] -> (ids [S, k], weights)."""
+        from .moe import select_experts  # noqa: PLC0415 - moe.py holds the router reference
+        return select_experts(logits, bias, hash_idx, k, score_func, route_scale)
+
     def expert(self, x: np.ndarray, w: ExpertW, limit: float,
                weight: np.ndarray | None = None) -> np.ndarray:
         """SwiGLU expert on x [n, d] (already bf16 values) -> [n, d] float32, rounded to bf16

@@ -14,25 +14,34 @@ from .numerics import Numerics
 from .params import MoEW
 
 
-def scores(cfg: ModelConfig, logits: np.ndarray) -> np.ndarray:
-    if cfg.score_func == "softmax":
+def scores_of(score_func: str, logits: np.ndarray) -> np.ndarray:
+    if score_func == "softmax":
         return softmax(logits)
-    if cfg.score_func == "sigmoid":
+    if score_func == "sigmoid":
         return sigmoid(logits)
     return np.sqrt(softplus(logits)).astype(F32)
 
 
+def select_experts(logits: np.ndarray, bias: np.ndarray | None, hash_idx: np.ndarray | None, k: int,
+                   score_func: str, route_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Router logits [S, E] -> (expert ids [S, k], weights [S, k] float32): ids from
+    `hash_idx` [S, k] when given, else the top-k of scores + bias (ties: lower id first)."""
+    sc = scores_of(score_func, logits)                                     # [S, E] fp32
+    if hash_idx is not None:
+        idx = np.asarray(hash_idx, dtype=np.int64)                         # [S, k]
+    else:
+        idx = topk_desc(sc if bias is None else sc + bias, k)              # [S, k]
+    wts = np.take_along_axis(sc, idx, axis=1)                              # [S, k]
+    if score_func != "softmax":
+        wts = (wts / wts.astype(np.float64).sum(axis=1, keepdims=True)).astype(F32)
+    return idx, (wts * F32(route_scale)).astype(F32)
+
+
 def route(cfg: ModelConfig, w: MoEW, x: np.ndarray, ids: np.ndarray, be):
     """x [S, d], token ids [S] -> (expert ids [S, k], weights [S, k] float32)."""
-    sc = scores(cfg, be.dense(x, w.gate))                                  # [S, E] fp32
-    if w.tid2eid is not None:
-        idx = np.asarray(w.tid2eid[ids], dtype=np.int64)                   # [S, k]
-    else:
-        idx = topk_desc(sc + w.bias, cfg.n_activated_experts)              # [S, k]
-    wts = np.take_along_axis(sc, idx, axis=1)                              # [S, k]
-    if cfg.score_func != "softmax":
-        wts = (wts / wts.astype(np.float64).sum(axis=1, keepdims=True)).astype(F32)
-    return idx, (wts * F32(cfg.route_scale)).astype(F32)
+    logits = be.dense(x, w.gate)                                           # [S, E] fp32
+    hash_idx = None if w.tid2eid is None else w.tid2eid[ids]               # [S, k]
+    return be.route(logits, w.bias, hash_idx, cfg.n_activated_experts, cfg.score_func, cfg.route_scale)
 
 
 def moe(cfg: ModelConfig, w: MoEW, x: np.ndarray, ids: np.ndarray, num: Numerics, be) -> np.ndarray:

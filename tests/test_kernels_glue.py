@@ -158,3 +158,26 @@ def test_swiglu_and_combine_kernels(rng):
         yy = r(y.reshape(5, d))
         want = np.stack([(np.float32(0) + yy[1] + yy[0]) + yy[4], (np.float32(0) + yy[3] + yy[2]) + yy[4]])
         np.testing.assert_array_equal(out, want)
+
+
+def test_router_kernel_matches_reference(rng):
+    """FastBackend.route (Numba) against moe.select_experts: ids and weights bit-identical,
+    ties to the lower id, hash layers, large logits (softplus threshold), bad hash ids."""
+    from dsv4.runtime.moe import select_experts
+    fast = FastBackend(Numerics.from_revision("current"))
+    S, E, k = 5, 37, 6
+    logits = (rng.standard_normal((S, E)) * 4).astype(np.float32)
+    logits[0, :8] = 25.0                                  # above the softplus threshold, tied
+    logits[1, 3] = logits[1, 30] = 9.0                    # a tie at the top
+    bias = (rng.standard_normal(E) * 0.1).astype(np.float32)
+    hashed = rng.integers(0, E, (S, k))
+    for b, h in ((bias, None), (np.zeros(E, np.float32), None), (bias, hashed)):
+        want = select_experts(logits, b, h, k, "sqrtsoftplus", 2.5)
+        got = fast.route(logits, b, h, k, "sqrtsoftplus", 2.5)
+        assert np.array_equal(got[0], want[0])
+        assert np.array_equal(got[1].view(np.uint32), want[1].view(np.uint32))
+    for func in ("sigmoid", "softmax"):                   # other score functions: the reference
+        np.testing.assert_array_equal(fast.route(logits, bias, None, k, func, 1.0)[0],
+                                      select_experts(logits, bias, None, k, func, 1.0)[0])
+    with pytest.raises(ValueError, match="hash expert ids"):
+        fast.route(logits, bias, np.full((S, k), E), k, "sqrtsoftplus", 1.0)

@@ -63,6 +63,24 @@ class _MoEPlan(NamedTuple):
     w2_block: int
 
 
+class _MoELayout(NamedTuple):
+    """Routing-independent job arrays of a decode MoE step (FastBackend._moe_layout)."""
+    n: int                        # jobs: S*k routed + S shared
+    x13: np.ndarray               # x rows of the routed w1 then w3 jobs
+    s13: np.ndarray               # shared expert: table rows (w1 x S, w3 x S) and x rows
+    xs13: np.ndarray
+    goff: np.ndarray              # per job: offsets of its gate and up outputs
+    uoff: np.ndarray
+    lim: np.ndarray               # per job: SwiGLU clamp
+    ones: np.ndarray              # routing weight of the shared jobs
+    x2: np.ndarray                # x rows (of h) of the routed w2 jobs
+    s2: np.ndarray                # shared w2: table rows and x rows (of h's shared part)
+    xs: np.ndarray
+    row_base: np.ndarray          # [S, 1]: first routed job of each row
+    yoff: np.ndarray              # per job: offset of its w2 output
+    shared_jobs: np.ndarray       # [S]: the shared job of each row
+
+
 def _moe_plan(where, w: MoEW) -> _MoEPlan | None:
     experts = list(w.experts)
     sh = w.shared
@@ -113,6 +131,7 @@ class FastBackend(FusedOps, RefBackend):
         self.groups: dict[int, int] = {}               # _key(wo_a) -> first group row
         self._scratch = np.empty(0, F32)                # reused dequantization buffer
         self._moe_plans: dict = {}                      # id(MoEW) -> _MoEPlan | None
+        self._moe_layouts: dict = {}                    # (plan, rows, k, ...) -> _MoELayout
         self._job_plans: dict = {}                      # (weight keys, rows) -> job layout
 
     # ------------------------------------------------------------ set-up
@@ -279,6 +298,18 @@ class FastBackend(FusedOps, RefBackend):
     def select_topk(self, scores, positions, ratio, topk):
         return attn.select_rows(scores, positions, ratio, topk)
 
+    def route(self, logits, bias, hash_idx, k, score_func, route_scale):
+        S, E = logits.shape
+        if score_func != "sqrtsoftplus" or k > 8 or k > E:   # numpy sums k > 8 pairwise
+            return super().route(logits, bias, hash_idx, k, score_func, route_scale)
+        hidx = np.zeros((0, k), np.int64) if hash_idx is None else np.ascontiguousarray(hash_idx, dtype=np.int64)
+        if hash_idx is not None and (hidx.shape != (S, k) or hidx.min() < 0 or hidx.max() >= E):
+            raise ValueError(f"hash expert ids: expected [{S}, {k}] ids below {E}, got {list(hidx.shape)}")
+        b = np.zeros(E, F32) if bias is None else np.ascontiguousarray(bias, dtype=F32)
+        idx, wts = np.empty((S, k), np.int64), np.empty((S, k), F32)
+        moe_glue.route_rows(np.ascontiguousarray(logits, dtype=F32), b, hidx, k, F32(route_scale), idx, wts)
+        return idx, wts
+
     def moe_experts(self, x, idx, wts, w: MoEW, limit, shared_limit):
         if x.shape[0] > GEMV_MAX_ROWS:
             return self._moe_prefill(x, idx, wts, w, limit, shared_limit)
@@ -336,28 +367,40 @@ class FastBackend(FusedOps, RefBackend):
         if plan is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
         S, k = idx.shape
+        d, inter = x.shape[1], plan.inter
+        lay = self._moe_layout(plan, S, k, d, limit, shared_limit)
         e = idx.reshape(-1)
-        nr, n, inter = S * k, S * k + S, plan.inter
-        rows_r, rows_s = np.repeat(np.arange(S), k), np.arange(S)
         xq = self._quantized_input(x, w.shared.w1, True)
         # w1 and w3: gate outputs of all jobs first, then the up outputs (job order)
-        gu = self._run([(plan.fmt, np.concatenate([plan.w1[e], plan.w3[e]]), np.concatenate([rows_r, rows_r])),
-                        (plan.sfmt, np.array([plan.s1] * S + [plan.s3] * S, np.int64), np.tile(rows_s, 2))],
-                       [xq, xq], 2 * n * inter)
-        goff = np.concatenate([np.arange(nr), 2 * nr + np.arange(S)]) * inter
-        uoff = np.concatenate([nr + np.arange(nr), 2 * nr + S + np.arange(S)]) * inter
-        lim = np.array([limit] * nr + [shared_limit] * S, F32)
-        weight = np.concatenate([wts.reshape(-1).astype(F32), np.ones(S, F32)])
+        gu = self._run([(plan.fmt, np.concatenate([plan.w1[e], plan.w3[e]]), lay.x13), (plan.sfmt, lay.s13, lay.xs13)],
+                       [xq, xq], 2 * lay.n * inter)
+        weight = np.concatenate([wts.reshape(-1).astype(F32), lay.ones])
         quant = self.num.quantize_activations and plan.w2_quantized
-        h = np.empty((n, inter), F32)
-        moe_glue.swiglu_rows(gu, goff, uoff, inter, lim, weight, self._rnd, plan.w2_block if quant else 0, h)
-        d = x.shape[1]
-        y = self._run([(plan.fmt, plan.w2[e], np.arange(nr)), (plan.sfmt, np.full(S, plan.s2, np.int64), rows_s)],
-                      [h[:nr], h[nr:]], n * d)
-        order = np.argsort(idx, axis=1, kind="stable") + np.arange(S)[:, None] * k
+        h = np.empty((lay.n, inter), F32)
+        moe_glue.swiglu_rows(gu, lay.goff, lay.uoff, inter, lay.lim, weight, self._rnd,
+                             plan.w2_block if quant else 0, h)
+        y = self._run([(plan.fmt, plan.w2[e], lay.x2), (plan.sfmt, lay.s2, lay.xs)], [h[:S * k], h[S * k:]],
+                      lay.n * d)
+        order = np.argsort(idx, axis=1, kind="stable") + lay.row_base
         out = np.empty(x.shape, F32)
-        moe_glue.combine_rows(y, np.arange(n) * d, order, np.arange(nr, n), self._rnd, out)
+        moe_glue.combine_rows(y, lay.yoff, order, lay.shared_jobs, self._rnd, out)
         return out
+
+    def _moe_layout(self, plan, S, k, d, limit, shared_limit):
+        """The job arrays of a decode MoE step that do not depend on the routing (cached)."""
+        key = (id(plan), S, k, d, float(limit), float(shared_limit))
+        lay = self._moe_layouts.get(key)
+        if lay is None:
+            nr, n, inter = S * k, S * k + S, plan.inter
+            rows_r, rows_s = np.repeat(np.arange(S), k), np.arange(S)
+            lay = self._moe_layouts[key] = _MoELayout(
+                n=n, x13=np.concatenate([rows_r, rows_r]), s13=np.array([plan.s1] * S + [plan.s3] * S, np.int64),
+                xs13=np.tile(rows_s, 2), goff=np.concatenate([np.arange(nr), 2 * nr + np.arange(S)]) * inter,
+                uoff=np.concatenate([nr + np.arange(nr), 2 * nr + S + np.arange(S)]) * inter,
+                lim=np.array([limit] * nr + [shared_limit] * S, F32), ones=np.ones(S, F32), x2=np.arange(nr),
+                s2=np.full(S, plan.s2, np.int64), xs=rows_s, row_base=np.arange(S)[:, None] * k,
+                yoff=np.arange(n) * d, shared_jobs=np.arange(nr, n))
+        return lay
 
     def _run(self, segments, xs, total):
         """Segments (fmt, table rows [J], x rows [J]) applied in order to the inputs xs (one

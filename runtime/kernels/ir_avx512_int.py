@@ -2,7 +2,7 @@
 
 When every 32-group of x is c * 2^E with integers |c| < 2^24 (always true for e4m3-quantized
 activations), x is given as the bytes of |c| and its signs. The signs are XOR-ed into the
-weight nibbles' sign bits, vpshufb maps nibbles to int8 2*e2m1, and vpdpbusd forms
+weight nibbles' sign bits, vpermb maps nibbles to int8 2*e2m1, and vpdpbusd forms
 sum(int8 * byte) per byte plane; planes are combined in int32, converted once per 4 groups
 and multiplied by 2^(s-127) * 2^(E-1). Blocks whose |c| fit 16 bits (~95% for real
 activations) are listed first by the x layout and done with two planes instead of three,
@@ -26,7 +26,7 @@ PREFETCH = 16384                      # software prefetch distance (bytes) in th
 def _fp4_int_blocks(f: Fn, ws, xb, svs, accs, planes: int, mask=None):
     """One block of 4 groups for len(ws) rows sharing the x loads:
     acc_r += cvt(sum_d 256^d sum(2*e2m1 with x-sign flipped * digit_d of |c|)) * sv_r."""
-    tbl = vec("i8", [int(2 * v) for v in E2M1_VALUES] * 4)
+    tbl = vec("i8", [int(2 * v) for v in E2M1_VALUES] * 4)   # vpermb reads 6 index bits: 4 copies
     sm = f(f"load <64 x i8>, ptr {xb}, align 4")
     digits = [[f(f"load <16 x i32>, ptr {f.gep('i8', xb, INT_DIGITS + 128 * d + 64 * h)}, align 4") for h in range(2)]
               for d in range(planes)]
@@ -37,10 +37,11 @@ def _fp4_int_blocks(f: Fn, ws, xb, svs, accs, planes: int, mask=None):
         else:
             p = f.masked_load("<64 x i8>", w, mask)
         p = f(f"xor <64 x i8> {p}, {sm}")                             # x signs into the codes
-        lo = f(f"and <64 x i8> {p}, {splat('i8', 64, 15)}")
         hw = f(f"lshr <32 x i16> {f(f'bitcast <64 x i8> {p} to <32 x i16>')}, {splat('i16', 32, 4)}")
-        hi = f(f"and <64 x i8> {f(f'bitcast <32 x i16> {hw} to <64 x i8>')}, {splat('i8', 64, 15)}")
-        wv = [f(f"call <64 x i8> @llvm.x86.avx512.pshuf.b.512(<64 x i8> {tbl}, <64 x i8> {n})") for n in (lo, hi)]
+        hi = f(f"bitcast <32 x i16> {hw} to <64 x i8>")                # high nibbles in bits 0-3
+        # vpermb looks at index bits 0-5 only and the table repeats every 16 entries, so
+        # the other nibble's bits 4-5 need no masking
+        wv = [f(f"call <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8> {tbl}, <64 x i8> {n})") for n in (p, hi)]
         wv = [f(f"bitcast <64 x i8> {v} to <16 x i32>") for v in wv]
         t = None
         for d in range(planes):

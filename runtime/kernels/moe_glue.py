@@ -1,5 +1,5 @@
-"""The elementwise steps of a decode MoE step, fused (Numba): between the w1/w3 and the w2
-gemv regions, and after w2.
+"""The elementwise steps of a decode MoE step, fused (Numba): the router's scores and
+top-k, between the w1/w3 and the w2 gemv regions, and after w2.
 
 Same math as RefBackend.expert / moe_experts, job by job (a job = one expert applied to
 one token row): g, u rounded to bf16; with a limit > 0, u clamped to [-limit, limit] and g
@@ -24,6 +24,42 @@ _OPTS = dict(cache=True, fastmath=False, boundscheck=False, error_model="numpy",
 @njit(inline="always")
 def _rnd(v, rnd):
     return bf16(v) if rnd else F32(v)
+
+
+@njit(**_OPTS)
+def route_rows(logits, bias, hash_idx, k, scale, idx_out, w_out):
+    """sqrt-softplus router, as moe.select_experts: logits [S, E] float32; bias [E] (added
+    for the choice only); hash_idx [S, k] int64 (hash layer) or [0, k] (score-routed).
+    -> idx_out [S, k] int64 (descending score, ties to the lower id), w_out [S, k]
+    float32 = score / (float64 sum of the k scores) * scale."""
+    S, E = logits.shape
+    sc = np.empty(E, F32)
+    key = np.empty(E, F32)
+    taken = np.zeros(E, np.bool_)
+    for s in range(S):
+        for e in range(E):
+            v = np.float64(logits[s, e])
+            sp = F32(v if v > 20.0 else np.log1p(np.exp(min(v, 20.0))))
+            sc[e] = np.sqrt(sp)
+        if hash_idx.shape[0]:
+            for t in range(k):
+                idx_out[s, t] = hash_idx[s, t]
+        else:
+            for e in range(E):
+                key[e] = sc[e] + bias[e]
+                taken[e] = False
+            for t in range(k):
+                best = -1
+                for e in range(E):
+                    if not taken[e] and (best < 0 or key[e] > key[best]):
+                        best = e
+                taken[best] = True
+                idx_out[s, t] = best
+        tot = 0.0
+        for t in range(k):
+            tot += np.float64(sc[idx_out[s, t]])
+        for t in range(k):
+            w_out[s, t] = F32(np.float64(sc[idx_out[s, t]]) / tot) * F32(scale)
 
 
 @njit(inline="always")

@@ -5,6 +5,8 @@ call in small-array overhead, these a few.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -64,11 +66,12 @@ def fp4_int_rows(x, header, out):
                 blocks[b, o + 3] = (fb >> 24) & 0xFF
             if g >= ng:
                 continue
+            inv = math.ldexp(1.0, -E)                 # exact: |x| * 2^-E is an integer
             for j in range(16):
                 v0 = x[r, g * 32 + 2 * j]
                 v1 = x[r, g * 32 + 2 * j + 1]
-                a0 = np.int64(abs(np.float64(v0)) * 2.0 ** (-E))
-                a1 = np.int64(abs(np.float64(v1)) * 2.0 ** (-E))
+                a0 = np.int64(abs(np.float64(v0)) * inv)
+                a1 = np.int64(abs(np.float64(v1)) * inv)
                 if a0 >= (1 << 24) or a1 >= (1 << 24):
                     return False
                 if a0 >= (1 << 16) or a1 >= (1 << 16):
