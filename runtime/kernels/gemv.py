@@ -20,26 +20,30 @@ import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from . import cpu, ir, prep
+from .bits import fetch_add
 from .plain import row_block
 
 FORMATS = ir.FORMATS
 UNIT_BYTES = 32 * 1024        # weight bytes per parallel work unit
+CHUNK_UNITS = 4               # units a thread takes from the shared counter at a time
 _WDTYPES = {"fp4": (np.uint8, np.int8), "fp8": (np.uint8,), "bf16": (np.uint16,), "f32": (np.float32,)}
 
 
 @functools.cache
 def _driver(isa: str):
     """The cached, parallel driver of one variant (all formats; see Kernels.gemv_batch)."""
-    ISA, DIGEST = isa, ir.digest()  # noqa: N806 - compile-time constants (closure cells)
+    ISA, DIGEST, CHUNK_UNITS_ = isa, ir.digest(), CHUNK_UNITS  # noqa: N806 - compile-time constants
 
-    def drive(fmt, addr, dims, xlen, mats, xsel, xp, nterms, unit_bytes, out):
+    def drive(fmt, addr, dims, xlen, mats, xsel, xp, nterms, unit_bytes, nthreads, out):
         """fmt: index in FORMATS; addr [n, 2] (weight, scale) uint64; dims [n, 7] (O, K, b0,
-        b1, scols, weight row bytes, scale row bytes); xp [nx, L] prepared x rows; out: the
-        result buffer, or an empty array to allocate one."""
+        b1, scols, weight row bytes, scale row bytes); xp [nx, L] prepared x rows; nthreads:
+        at least Numba's current thread count (the pool size will do: surplus loop
+        iterations find no work left); out: the result buffer, or an empty array."""
         assert DIGEST != ""
         J = mats.shape[0]
         ustart = np.zeros(J + 1, np.int64)
@@ -61,26 +65,37 @@ def _driver(isa: str):
         else:
             y = out
         xa, xs, ya = xp.ctypes.data, np.uint64(xp.strides[0]), y.ctypes.data
-        for u in prange(ustart[J]):
+        # Units are handed out in chunks from a shared counter (dynamic scheduling): a
+        # static split left one thread waiting ~10% of each region on this shared VM.
+        total = ustart[J]
+        nthreads = max(1, min(nthreads, total))
+        chunk = max(1, min(CHUNK_UNITS_, total // (4 * nthreads)))
+        counter = np.zeros(16, np.int64)                  # own cache line
+        for _t in prange(nthreads):
             j = 0
-            while ustart[j + 1] <= u:
-                j += 1
-            m = mats[j]
-            r0 = (u - ustart[j]) * rbs[j]
-            nr = min(rbs[j], dims[m, 0] - r0)
-            w = addr[m, 0] + np.uint64(r0 * dims[m, 5])
-            s = addr[m, 1] + np.uint64(r0 * dims[m, 6])
-            x = xa + np.uint64(xsel[j]) * xs
-            yj = ya + np.uint64(4 * (yoff[j] + r0))
-            K, b0, b1, sc = dims[m, 1], dims[m, 2], dims[m, 3], dims[m, 4]
-            if fmt == 0:
-                row_block(ISA, "fp4", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
-            elif fmt == 1:
-                row_block(ISA, "fp8", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
-            elif fmt == 2:
-                row_block(ISA, "bf16", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
-            else:
-                row_block(ISA, "f32", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+            while True:
+                u0 = fetch_add(counter, 0, chunk)
+                if u0 >= total:
+                    break
+                for u in range(u0, min(u0 + chunk, total)):
+                    while ustart[j + 1] <= u:             # a thread's units only increase
+                        j += 1
+                    m = mats[j]
+                    r0 = (u - ustart[j]) * rbs[j]
+                    nr = min(rbs[j], dims[m, 0] - r0)
+                    w = addr[m, 0] + np.uint64(r0 * dims[m, 5])
+                    s = addr[m, 1] + np.uint64(r0 * dims[m, 6])
+                    x = xa + np.uint64(xsel[j]) * xs
+                    yj = ya + np.uint64(4 * (yoff[j] + r0))
+                    K, b0, b1, sc = dims[m, 1], dims[m, 2], dims[m, 3], dims[m, 4]
+                    if fmt == 0:
+                        row_block(ISA, "fp4", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+                    elif fmt == 1:
+                        row_block(ISA, "fp8", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+                    elif fmt == 2:
+                        row_block(ISA, "bf16", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+                    else:
+                        row_block(ISA, "f32", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
         return y
     # A distinct name per variant: cached code of same-named closures compiled in different
     # processes can carry the same symbol names and clash when loaded into one process.
@@ -210,7 +225,7 @@ class Kernels:
         elif out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("out must be a writable, C-contiguous float32 vector")
         return _driver(self.variant)(table.code, table.addr, table.dims, table.xlen(self.variant), mats, xsel,
-                                     xp.data, xp.nterms, UNIT_BYTES, out)
+                                     xp.data, xp.nterms, UNIT_BYTES, numba.config.NUMBA_NUM_THREADS, out)
 
     def gemv(self, fmt: str, W: np.ndarray, S: np.ndarray | None, xp: XPrep,
              block: tuple[int, int] = (128, 128)) -> np.ndarray:
