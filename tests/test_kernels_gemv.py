@@ -88,6 +88,32 @@ def test_batched_memmapped(variant, fmt, tmp_path, rng):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_mixed_formats_one_region(variant, rng):
+    """gemv_mixed: jobs of all four formats (each with its own prepared x, of different
+    lengths and kinds) in one call; every job's result as from the reference."""
+    k = gemv.Kernels(variant)
+    tables, want, segments = [], [], []
+    for fmt, (O, K, block) in zip(("fp4", "fp8", "bf16", "f32"), ((37, 2080, None), (131, 200, (128, 128)),
+                                                                  (33, 1000, None), (9, 515, None))):
+        probs = [problem(fmt, rng, O, K, block or (128, 128)) for _ in range(2)]
+        tables.append(gemv.MatTable(fmt, [W for W, _, _ in probs], None if fmt in ("bf16", "f32")
+                                    else [S for _, S, _ in probs], block or (128, 128)))
+        xs = np.stack([_x("quantized", K, rng), _x("exact", K, rng)])
+        mats, xsel = np.array([1, 0, 1]), np.array([0, 1, 1])
+        segments.append((fmt, mats, k.prepare_x(fmt, xs, (block or (128, 128))[1]), xsel))
+        want += [(probs[m][2], xs[i]) for m, i in zip(mats, xsel)]
+    mixed = gemv.MixedTable(tables)
+    y = k.gemv_mixed(mixed, segments[::-1])                 # any segment order
+    order = [w for seg in range(3, -1, -1) for w in want[3 * seg:3 * seg + 3]]
+    parts = np.split(y, np.cumsum([Wr.shape[0] for Wr, _ in order])[:-1])
+    assert len(parts) == len(order)
+    for (Wr, x), part in zip(order, parts):
+        assert worst(part, Wr, x) <= TOL
+    with pytest.raises(ValueError):                         # x prepared for another format
+        k.gemv_mixed(mixed, [("fp8", np.array([0]), segments[0][2], np.array([0]))])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("shift", [0, -70, 40])
 def test_fp4_scale_paths(variant, shift, rng):
     """Rows whose e8m0 scales (with x's exponents) leave the fast exponent-add path, and a

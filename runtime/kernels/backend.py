@@ -102,8 +102,8 @@ def _moe_plan(where, w: MoEW) -> _MoEPlan | None:
 
 
 def _job_plan(where, tables, weights, xrows):
-    """Jobs grouped by table format -> (segments [(fmt, rows, x rows)], start [J], total),
-    or False when a matrix is not in the tables."""
+    """Jobs grouped by table format -> (segments [(fmt, rows, x rows)], start [J], total):
+    job j's result at y[start[j]:start[j] + O_j]; False when a matrix is not in the tables."""
     locs = [where.get(_key(wj)) for wj in weights]
     if any(loc is None for loc in locs):
         return False
@@ -128,6 +128,7 @@ class FastBackend(FusedOps, RefBackend):
         self.k = gemv.kernels()
         self.where: dict[int, tuple[str, int]] = {}    # _key(weight) -> (format, table row)
         self.tables: dict[str, gemv.MatTable] = {}
+        self.mixed = gemv.MixedTable([])                # all tables as one (mixed regions)
         self.groups: dict[int, int] = {}               # _key(wo_a) -> first group row
         self._scratch = np.empty(0, F32)                # reused dequantization buffer
         self._moe_plans: dict = {}                      # id(MoEW) -> _MoEPlan | None
@@ -171,6 +172,7 @@ class FastBackend(FusedOps, RefBackend):
             if items:
                 scales = [s for _, s in items] if fmt in ("fp8", "fp4") else None
                 self.tables[fmt] = gemv.MatTable(fmt, [w for w, _ in items], scales, block)
+        self.mixed = gemv.MixedTable(list(self.tables.values()))
 
     def _add_groups(self, w: LinearW, G: int, mats) -> None:
         """wo_a as G matrices of L rows each (gemv per group), when the rows split on tiles."""
@@ -240,7 +242,8 @@ class FastBackend(FusedOps, RefBackend):
         return self._matmul(x, w, False)
 
     def project(self, x, weights):
-        """All products of one input, one gemv region per weight format (decode)."""
+        """All products of one input in one gemv region (decode): the quantized weights
+        take the FP8-quantized input, the others x itself."""
         if x.shape[0] > GEMV_MAX_ROWS:
             return super().project(x, weights)
         x2 = np.ascontiguousarray(x, dtype=F32)
@@ -248,19 +251,21 @@ class FastBackend(FusedOps, RefBackend):
         plain = [w for w in weights if not (isinstance(w, LinearW) and w.quantized)]
         S = x2.shape[0]
         rows = np.arange(S)
-        done = {}
-        for group, xin in ((quant, self._quantized_input(x2, quant[0], True) if quant else None),
-                           (plain, x2)):
+        segments, xs, starts, total = [], [], {}, 0
+        for group, xin in ((quant, self._quantized_input(x2, quant[0], True) if quant else None), (plain, x2)):
             if not group:
                 continue
-            r = self._jobs([w for w in group for _ in rows], xin, np.tile(rows, len(group)))
-            if r is None:
+            plan = self._job_plan([w for w in group for _ in rows], np.tile(rows, len(group)))
+            if plan is None:
                 return super().project(x, weights)
-            y, start = r
+            segs, start, n = plan
+            segments += segs
+            xs += [xin] * len(segs)
             for i, w in enumerate(group):
-                a = start[i * S]
-                done[id(w)] = y[a:a + S * _out_features(w)].reshape(S, -1)
-        return [done[id(w)] for w in weights]
+                starts[id(w)] = total + start[i * S]
+            total += n
+        y = self._run(segments, xs, total)
+        return [y[starts[id(w)]:starts[id(w)] + S * _out_features(w)].reshape(S, -1) for w in weights]
 
     def grouped_linear(self, x, w: LinearW):
         S, G, K = x.shape
@@ -403,34 +408,23 @@ class FastBackend(FusedOps, RefBackend):
         return lay
 
     def _run(self, segments, xs, total):
-        """Segments (fmt, table rows [J], x rows [J]) applied in order to the inputs xs (one
-        float32 [n, K] per segment): one gemv region per segment, results concatenated in
-        job order into one float32 vector of `total` values."""
+        """Segments (fmt, table rows [J], x rows [J]) applied to the inputs xs (one float32
+        [n, K] per segment) in ONE parallel region, whatever their formats; results
+        concatenated in segment and job order into a float32 vector of `total` values."""
         y = np.empty(total, F32)
-        a = 0
-        for (fmt, mats, xsel), x2 in zip(segments, xs):
-            table = self.tables[fmt]
-            b = a + int(table.out_features[mats].sum())
-            self.k.gemv_batch(table, mats, self.k.prepare_x(fmt, x2, table.block[1]), xsel, out=y[a:b])
-            a = b
-        if a != total:
-            raise ValueError(f"gemv jobs give {a} values, expected {total}")
+        self.k.gemv_mixed(self.mixed, [(fmt, mats, self.k.prepare_x(fmt, x2, self.tables[fmt].block[1]), xsel)
+                                       for (fmt, mats, xsel), x2 in zip(segments, xs)], out=y)
         return y
 
-    def _jobs(self, weights, x2, xrows):
-        """y_j = weights[j] @ x2[xrows[j]] for matrices of any sizes and table formats, one
-        parallel region per format, into one float32 buffer -> (y, start) with job j's
-        result at y[start[j]:start[j] + O_j] (jobs of one format are consecutive in y, in
-        job order), or None if a matrix is unknown. The job layout is computed once per
-        list of weights and rows (decode repeats the same lists every token)."""
+    def _job_plan(self, weights, xrows):
+        """Job layout of y_j = weights[j] @ x[xrows[j]] (see _job_plan), computed once per
+        list of weights and rows (decode repeats the same lists every token); None if a
+        matrix is not in the tables."""
         key = (tuple(_key(wj) for wj in weights), tuple(xrows))
         plan = self._job_plans.get(key)
         if plan is None:
             plan = self._job_plans[key] = _job_plan(self.where, self.tables, weights, xrows)
-        if plan is False:
-            return None
-        segments, start, total = plan
-        return self._run(segments, [x2] * len(segments), total), start
+        return plan or None
 
     def logits(self, y, head):
         return self._matmul(y, head, False)

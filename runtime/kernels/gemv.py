@@ -10,7 +10,8 @@ then one call computes many jobs: `MatTable` holds the addresses and shapes of a
 same-format matrices (built once at load; views into memory-mapped files are fine, nothing
 is copied) and `gemv_batch(table, mats, xp, xsel)` computes y_j = W[mats[j]] x[xsel[j]] for
 all jobs j in ONE parallel region, split into (job x row-block) units of equal bytes.
-The kernel variant (avx512 / avx2 / numba) is chosen once per process (cpu.py); every
+`MixedTable` joins the tables of several formats so that `gemv_mixed` runs jobs of
+different formats, each on x prepared for its format, in one region. The kernel variant (avx512 / avx2 / numba) is chosen once per process (cpu.py); every
 compiled driver is cached on disk (NUMBA_CACHE_DIR), so a second process starts fast.
 """
 from __future__ import annotations
@@ -39,21 +40,22 @@ def _driver(isa: str):
     """The cached, parallel driver of one variant (all formats; see Kernels.gemv_batch)."""
     ISA, DIGEST, CHUNK_UNITS_ = isa, ir.digest(), CHUNK_UNITS  # noqa: N806 - compile-time constants
 
-    def drive(fmt, addr, dims, xlen, mats, xsel, xp, nterms, unit_bytes, nthreads, out):
-        """fmt: index in FORMATS; addr [n, 2] (weight, scale) uint64; dims [n, 7] (O, K, b0,
-        b1, scols, weight row bytes, scale row bytes); xp [nx, L] prepared x rows; nthreads:
-        at least Numba's current thread count (the pool size will do: surplus loop
-        iterations find no work left); out: the result buffer, or an empty array."""
+    def drive(addr, dims, xlen, mats, xsel, xp, xnt, xsize, unit_bytes, nthreads, out):
+        """addr [n, 2] (weight, scale) uint64; dims [n, 8] (O, K, b0, b1, scols, weight row
+        bytes, scale row bytes, format index); xlen [n, 2] prepared-x lengths; xp [nx, L]
+        prepared x rows, row i holding xsize[i] floats in the layout of nterms xnt[i];
+        nthreads: at least Numba's current thread count (the pool size will do: surplus
+        loop iterations find no work left); out: the result buffer, or an empty array."""
         assert DIGEST != ""
         J = mats.shape[0]
         ustart = np.zeros(J + 1, np.int64)
         yoff = np.zeros(J + 1, np.int64)
         rbs = np.ones(J, np.int64)
         for j in range(J):
-            m = mats[j]
-            if m < 0 or m >= dims.shape[0] or xsel[j] < 0 or xsel[j] >= xp.shape[0]:
+            m, i = mats[j], xsel[j]
+            if m < 0 or m >= dims.shape[0] or i < 0 or i >= xp.shape[0]:
                 raise IndexError("gemv_batch: matrix or x index out of range")
-            if (xlen[m, 0] if nterms == 0 else xlen[m, 1] * nterms) != xp.shape[1]:
+            if (xlen[m, 0] if xnt[i] == 0 else xlen[m, 1] * xnt[i]) != xsize[i] or xsize[i] > xp.shape[1]:
                 raise ValueError("gemv_batch: prepared x does not match a matrix's K")
             rbs[j] = max(1, unit_bytes // max(1, dims[m, 5]))
             ustart[j + 1] = ustart[j] + (dims[m, 0] + rbs[j] - 1) // rbs[j]
@@ -65,8 +67,9 @@ def _driver(isa: str):
         else:
             y = out
         xa, xs, ya = xp.ctypes.data, np.uint64(xp.strides[0]), y.ctypes.data
-        # Units are handed out in chunks from a shared counter (dynamic scheduling): a
-        # static split left one thread waiting ~10% of each region on this shared VM.
+        # Units (job, row block) in job order are handed out in chunks from a shared
+        # counter (dynamic scheduling): a thread slowed by a neighbour on its core does
+        # not hold up the region.
         total = ustart[J]
         nthreads = max(1, min(nthreads, total))
         chunk = max(1, min(CHUNK_UNITS_, total // (4 * nthreads)))
@@ -86,16 +89,17 @@ def _driver(isa: str):
                     w = addr[m, 0] + np.uint64(r0 * dims[m, 5])
                     s = addr[m, 1] + np.uint64(r0 * dims[m, 6])
                     x = xa + np.uint64(xsel[j]) * xs
+                    nt = xnt[xsel[j]]
                     yj = ya + np.uint64(4 * (yoff[j] + r0))
-                    K, b0, b1, sc = dims[m, 1], dims[m, 2], dims[m, 3], dims[m, 4]
+                    K, b0, b1, sc, fmt = dims[m, 1], dims[m, 2], dims[m, 3], dims[m, 4], dims[m, 7]
                     if fmt == 0:
-                        row_block(ISA, "fp4", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+                        row_block(ISA, "fp4", w, s, x, yj, nr, K, nt, r0, b0, b1, sc)
                     elif fmt == 1:
-                        row_block(ISA, "fp8", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+                        row_block(ISA, "fp8", w, s, x, yj, nr, K, nt, r0, b0, b1, sc)
                     elif fmt == 2:
-                        row_block(ISA, "bf16", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+                        row_block(ISA, "bf16", w, s, x, yj, nr, K, nt, r0, b0, b1, sc)
                     else:
-                        row_block(ISA, "f32", w, s, x, yj, nr, K, nterms, r0, b0, b1, sc)
+                        row_block(ISA, "f32", w, s, x, yj, nr, K, nt, r0, b0, b1, sc)
         return y
     # A distinct name per variant: cached code of same-named closures compiled in different
     # processes can carry the same symbol names and clash when loaded into one process.
@@ -132,12 +136,12 @@ class MatTable:
         self.fmt, self.code, self.block = fmt, FORMATS.index(fmt), (b0, b1)
         n = len(weights)
         self.addr = np.zeros((n, 2), np.uint64)
-        self.dims = np.zeros((n, 7), np.int64)
+        self.dims = np.zeros((n, 8), np.int64)
         for i, w in enumerate(weights):
             s = None if scales is None else scales[i]
             o, k, sc = _check(fmt, w, s, (b0, b1), f"matrix {i}")
             self.addr[i] = (w.ctypes.data, 0 if s is None else s.ctypes.data)
-            self.dims[i] = (o, k, b0, b1, sc, w.strides[0], 0 if fmt != "fp4" else s.strides[0])
+            self.dims[i] = (o, k, b0, b1, sc, w.strides[0], 0 if fmt != "fp4" else s.strides[0], self.code)
         self._keep = (list(weights), None if scales is None else list(scales))
         self._xlen: dict[str, np.ndarray] = {}
 
@@ -158,6 +162,30 @@ class MatTable:
             b1 = self.block[1]
             self._xlen[variant] = np.array([prepared_len(variant, self.fmt, int(k), b1) for k in self.in_features],
                                            np.int64).reshape(-1, 2)
+        return self._xlen[variant]
+
+
+class MixedTable:
+    """Several MatTables (one per format) as one address table, so that matrices of
+    different formats can share a parallel region (Kernels.gemv_mixed); row i of table f
+    is row offset[f] + i here."""
+
+    def __init__(self, tables):
+        self.tables = {t.fmt: t for t in tables}
+        if len(self.tables) != len(tables):
+            raise ValueError("MixedTable: one table per format")
+        self.offset, n = {}, 0
+        for t in tables:
+            self.offset[t.fmt] = n
+            n += len(t)
+        self.addr = np.concatenate([t.addr for t in tables]) if tables else np.zeros((0, 2), np.uint64)
+        self.dims = np.concatenate([t.dims for t in tables]) if tables else np.zeros((0, 8), np.int64)
+        self._xlen: dict[str, np.ndarray] = {}
+
+    def xlen(self, variant: str) -> np.ndarray:
+        if variant not in self._xlen:
+            self._xlen[variant] = (np.concatenate([t.xlen(variant) for t in self.tables.values()])
+                                   if self.tables else np.zeros((0, 2), np.int64))
         return self._xlen[variant]
 
 
@@ -220,12 +248,43 @@ class Kernels:
         xsel = np.zeros(mats.shape[0], np.int64) if xsel is None else np.asarray(xsel, np.int64)
         if xsel.shape != mats.shape:
             raise ValueError("xsel must have one entry per job")
+        n = xp.data.shape[0]
+        return self._drive(table, mats, xsel, xp.data, np.full(n, xp.nterms, np.int64),
+                           np.full(n, xp.data.shape[1], np.int64), out)
+
+    def gemv_mixed(self, table: MixedTable, segments, out: np.ndarray | None = None) -> np.ndarray:
+        """Jobs of several formats in ONE parallel region: segments [(fmt, rows of that
+        format's table [J_i], XPrep, x rows [J_i])]; results in segment and job order."""
+        mats, xsel, xs = [], [], []
+        rows = 0
+        for fmt, m, xp, xr in segments:
+            t = table.tables.get(fmt)
+            if t is None or xp.variant != self.variant or xp.fmt != fmt or (fmt == "fp8" and xp.b1 != t.block[1]):
+                raise ValueError(f"x prepared for {xp.variant}/{xp.fmt}/b1={xp.b1} does not fit the {fmt} table")
+            m, xr = np.asarray(m, np.int64), np.asarray(xr, np.int64)
+            if m.shape != xr.shape or (m.size and (m.min() < 0 or m.max() >= len(t))):
+                raise IndexError(f"{fmt} jobs: bad matrix rows or x rows")
+            mats.append(m + table.offset[fmt])
+            xsel.append(xr + rows)
+            xs.append(xp)
+            rows += xp.data.shape[0]
+        width = max(xp.data.shape[1] for xp in xs)
+        xcat = np.zeros((rows, width), np.float32)
+        xnt, xsize, r = np.empty(rows, np.int64), np.empty(rows, np.int64), 0
+        for xp in xs:
+            n, L = xp.data.shape
+            xcat[r:r + n, :L] = xp.data
+            xnt[r:r + n], xsize[r:r + n] = xp.nterms, L
+            r += n
+        return self._drive(table, np.concatenate(mats), np.concatenate(xsel), xcat, xnt, xsize, out)
+
+    def _drive(self, table, mats, xsel, xdata, xnt, xsize, out):
         if out is None:
             out = _NONE
         elif out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("out must be a writable, C-contiguous float32 vector")
-        return _driver(self.variant)(table.code, table.addr, table.dims, table.xlen(self.variant), mats, xsel,
-                                     xp.data, xp.nterms, UNIT_BYTES, numba.config.NUMBA_NUM_THREADS, out)
+        return _driver(self.variant)(table.addr, table.dims, table.xlen(self.variant), mats, xsel, xdata, xnt,
+                                     xsize, UNIT_BYTES, numba.config.NUMBA_NUM_THREADS, out)
 
     def gemv(self, fmt: str, W: np.ndarray, S: np.ndarray | None, xp: XPrep,
              block: tuple[int, int] = (128, 128)) -> np.ndarray:
