@@ -111,6 +111,8 @@ def test_mixed_formats_one_region(variant, rng):
         assert worst(part, Wr, x) <= TOL
     with pytest.raises(ValueError):                         # x prepared for another format
         k.gemv_mixed(mixed, [("fp8", np.array([0]), segments[0][2], np.array([0]))])
+    with pytest.raises(ValueError):                         # row 2 of the fp4 table: none
+        k.gemv_mixed(mixed, [("fp4", np.array([2]), segments[0][2], np.array([0]))])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

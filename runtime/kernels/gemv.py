@@ -40,10 +40,10 @@ def _driver(isa: str):
     """The cached, parallel driver of one variant (all formats; see Kernels.gemv_batch)."""
     ISA, DIGEST, CHUNK_UNITS_ = isa, ir.digest(), CHUNK_UNITS  # noqa: N806 - compile-time constants
 
-    def drive(addr, dims, xlen, mats, xsel, xp, xnt, xsize, unit_bytes, nthreads, out):
+    def drive(addr, dims, xlen, mats, xsel, xp, xinfo, unit_bytes, nthreads, out):
         """addr [n, 2] (weight, scale) uint64; dims [n, 8] (O, K, b0, b1, scols, weight row
         bytes, scale row bytes, format index); xlen [n, 2] prepared-x lengths; xp [nx, L]
-        prepared x rows, row i holding xsize[i] floats in the layout of nterms xnt[i];
+        prepared x rows, xinfo [nx, 3] = (nterms, floats used, format index) per row;
         nthreads: at least Numba's current thread count (the pool size will do: surplus
         loop iterations find no work left); out: the result buffer, or an empty array."""
         assert DIGEST != ""
@@ -55,7 +55,9 @@ def _driver(isa: str):
             m, i = mats[j], xsel[j]
             if m < 0 or m >= dims.shape[0] or i < 0 or i >= xp.shape[0]:
                 raise IndexError("gemv_batch: matrix or x index out of range")
-            if (xlen[m, 0] if xnt[i] == 0 else xlen[m, 1] * xnt[i]) != xsize[i] or xsize[i] > xp.shape[1]:
+            if dims[m, 7] != xinfo[i, 2]:
+                raise ValueError("gemv_batch: x prepared for another format than its matrix")
+            if (xlen[m, 0] if xinfo[i, 0] == 0 else xlen[m, 1] * xinfo[i, 0]) != xinfo[i, 1] or xinfo[i, 1] > xp.shape[1]:
                 raise ValueError("gemv_batch: prepared x does not match a matrix's K")
             rbs[j] = max(1, unit_bytes // max(1, dims[m, 5]))
             ustart[j + 1] = ustart[j] + (dims[m, 0] + rbs[j] - 1) // rbs[j]
@@ -89,7 +91,7 @@ def _driver(isa: str):
                     w = addr[m, 0] + np.uint64(r0 * dims[m, 5])
                     s = addr[m, 1] + np.uint64(r0 * dims[m, 6])
                     x = xa + np.uint64(xsel[j]) * xs
-                    nt = xnt[xsel[j]]
+                    nt = xinfo[xsel[j], 0]
                     yj = ya + np.uint64(4 * (yoff[j] + r0))
                     K, b0, b1, sc, fmt = dims[m, 1], dims[m, 2], dims[m, 3], dims[m, 4], dims[m, 7]
                     if fmt == 0:
@@ -248,9 +250,9 @@ class Kernels:
         xsel = np.zeros(mats.shape[0], np.int64) if xsel is None else np.asarray(xsel, np.int64)
         if xsel.shape != mats.shape:
             raise ValueError("xsel must have one entry per job")
-        n = xp.data.shape[0]
-        return self._drive(table, mats, xsel, xp.data, np.full(n, xp.nterms, np.int64),
-                           np.full(n, xp.data.shape[1], np.int64), out)
+        xinfo = np.empty((xp.data.shape[0], 3), np.int64)
+        xinfo[:] = (xp.nterms, xp.data.shape[1], table.code)
+        return self._drive(table, mats, xsel, xp.data, xinfo, out)
 
     def gemv_mixed(self, table: MixedTable, segments, out: np.ndarray | None = None) -> np.ndarray:
         """Jobs of several formats in ONE parallel region: segments [(fmt, rows of that
@@ -262,29 +264,32 @@ class Kernels:
             if t is None or xp.variant != self.variant or xp.fmt != fmt or (fmt == "fp8" and xp.b1 != t.block[1]):
                 raise ValueError(f"x prepared for {xp.variant}/{xp.fmt}/b1={xp.b1} does not fit the {fmt} table")
             m, xr = np.asarray(m, np.int64), np.asarray(xr, np.int64)
-            if m.shape != xr.shape or (m.size and (m.min() < 0 or m.max() >= len(t))):
-                raise IndexError(f"{fmt} jobs: bad matrix rows or x rows")
-            mats.append(m + table.offset[fmt])
-            xsel.append(xr + rows)
+            if m.shape != xr.shape:
+                raise ValueError(f"{fmt} jobs: one x row per matrix needed")
+            mats.append(m + table.offset[fmt])            # a row outside t: another format
+            xsel.append(xr + rows)                        # (the driver checks formats)
             xs.append(xp)
             rows += xp.data.shape[0]
-        width = max(xp.data.shape[1] for xp in xs)
-        xcat = np.zeros((rows, width), np.float32)
-        xnt, xsize, r = np.empty(rows, np.int64), np.empty(rows, np.int64), 0
+        if len(xs) == 1:
+            xcat = xs[0].data
+        else:
+            xcat = np.zeros((rows, max(xp.data.shape[1] for xp in xs)), np.float32)
+        xinfo, r = np.empty((rows, 3), np.int64), 0
         for xp in xs:
             n, L = xp.data.shape
-            xcat[r:r + n, :L] = xp.data
-            xnt[r:r + n], xsize[r:r + n] = xp.nterms, L
+            if xcat is not xp.data:
+                xcat[r:r + n, :L] = xp.data
+            xinfo[r:r + n] = (xp.nterms, L, FORMATS.index(xp.fmt))
             r += n
-        return self._drive(table, np.concatenate(mats), np.concatenate(xsel), xcat, xnt, xsize, out)
+        return self._drive(table, np.concatenate(mats), np.concatenate(xsel), xcat, xinfo, out)
 
-    def _drive(self, table, mats, xsel, xdata, xnt, xsize, out):
+    def _drive(self, table, mats, xsel, xdata, xinfo, out):
         if out is None:
             out = _NONE
         elif out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
             raise ValueError("out must be a writable, C-contiguous float32 vector")
-        return _driver(self.variant)(table.addr, table.dims, table.xlen(self.variant), mats, xsel, xdata, xnt,
-                                     xsize, UNIT_BYTES, numba.config.NUMBA_NUM_THREADS, out)
+        return _driver(self.variant)(table.addr, table.dims, table.xlen(self.variant), mats, xsel, xdata, xinfo,
+                                     UNIT_BYTES, numba.config.NUMBA_NUM_THREADS, out)
 
     def gemv(self, fmt: str, W: np.ndarray, S: np.ndarray | None, xp: XPrep,
              block: tuple[int, int] = (128, 128)) -> np.ndarray:
