@@ -14,7 +14,7 @@ import numpy as np
 
 from ..backend import RefBackend
 from ..linear import LinearW
-from ..nn import F32, silu
+from ..nn import F32
 from ..numerics import Numerics
 from ..params import MoEW
 from . import attn, gemv, moe_glue
@@ -212,12 +212,13 @@ class FastBackend(FusedOps, RefBackend):
         return self._scratch[:rows * cols].reshape(rows, cols)
 
     def _sgemm(self, x2: np.ndarray, w) -> np.ndarray:
-        """x2 [S, K] @ W^T by dequantizing row blocks of W into float32 scratch (BLAS)."""
+        """x2 [S, K] @ W^T by dequantizing row blocks of W into float32 scratch (BLAS).
+        The result is 64-byte aligned (sparse_attn would copy an unaligned q)."""
         O = _out_features(w)
         K = x2.shape[1]
         step = max(128, (SCRATCH_BYTES // (4 * K)) // 128 * 128)
         scratch = self.scratch(min(step, O), K)
-        out = np.empty((x2.shape[0], O), F32)
+        out = attn.aligned_empty((x2.shape[0], O))
         for r in range(0, O, step):
             n = min(step, O - r)
             np.matmul(x2, dequant_rows(w, r, n, scratch).T, out=out[:, r:r + n])
@@ -321,28 +322,30 @@ class FastBackend(FusedOps, RefBackend):
         return self._moe_decode(x, idx, wts, w, limit, shared_limit)
 
     def _gate_up(self, xq, e):
-        """x w1^T and x w3^T; for many rows one sgemm over both dequantized weights."""
-        if xq.shape[0] <= GEMV_MAX_ROWS or e.w1.in_features != e.w3.in_features:
-            return self._apply(xq, e.w1), self._apply(xq, e.w3)
+        """[x w1^T | x w3^T] as one float32 [n, 2 * inter] array; for many rows one sgemm
+        over both dequantized weights."""
         n1 = e.w1.out_features
+        if xq.shape[0] <= GEMV_MAX_ROWS or e.w1.in_features != e.w3.in_features:
+            return np.concatenate([self._apply(xq, e.w1), self._apply(xq, e.w3)], axis=1)
         both = self.scratch(n1 + e.w3.out_features, e.w1.in_features)
         dequant_rows(e.w1, 0, n1, both[:n1])
         dequant_rows(e.w3, 0, e.w3.out_features, both[n1:])
-        gu = xq @ both.T
-        return gu[:, :n1], gu[:, n1:]
+        return xq @ both.T
 
     def _expert_rows(self, xq, e, limit, weight):
-        """One expert on rows of an already quantized input (as RefBackend.expert)."""
-        g, u = self._gate_up(xq, e)
-        g, u = self.bf16(np.ascontiguousarray(g)), self.bf16(np.ascontiguousarray(u))
-        if limit > 0:
-            np.clip(u, -limit, limit, out=u)
-            np.minimum(g, F32(limit), out=g)
-        h = silu(g) * u
-        if weight is not None:
-            h *= weight[:, None]
-        hq = self._quantized_input(self.bf16(h.astype(F32)), e.w2, True)
-        return self.bf16(self._apply(hq, e.w2))
+        """One expert on rows of an already quantized input (as RefBackend.expert); the
+        SwiGLU, routing weight and w2 input quantization fused as in decode."""
+        n, inter = xq.shape[0], e.w1.out_features
+        if e.w3.out_features != inter:
+            return super().expert(xq, e, limit, weight)
+        gu = np.ascontiguousarray(self._gate_up(xq, e), dtype=F32)               # [n, 2 * inter]
+        rows = np.arange(n) * 2 * inter
+        quant = self.num.quantize_activations and e.w2.quantized
+        h = np.empty((n, inter), F32)
+        moe_glue.swiglu_rows(gu.reshape(-1), rows, rows + inter, inter, np.full(n, limit, F32),
+                             np.ones(n, F32) if weight is None else np.asarray(weight, F32), self._rnd,
+                             e.w2.block[1] if quant else 0, h)
+        return self.bf16(self._apply(h, e.w2))
 
     def _moe_prefill(self, x, idx, wts, w: MoEW, limit, shared_limit):
         """Tokens grouped by expert; the input is quantized once for all of them (the
