@@ -70,10 +70,14 @@ def make_table(fmt: str, shape, count: int, rng):
 
 def x_for(kind: str, K: int, rng) -> np.ndarray:
     """Activation-like x: Gaussian with 1% outliers x20; 'quantized' = the model's default
-    e4m3 activation quantization (per 128), 'exact' = arbitrary float32 (exact mode)."""
+    e4m3 activation quantization (per 128), 'bf16' = rounded to bf16 (the inputs of the
+    model's bf16 matrices in default mode), 'exact' = arbitrary float32 (exact mode)."""
+    from dsv4.quant.formats import bf16_round
     from dsv4.runtime.kernels.actq import act_quant_values
     x = (rng.standard_normal(K) * np.where(rng.random(K) < 0.01, 20.0, 1.0)).astype(np.float32)
-    return act_quant_values(x[None])[0] if kind == "quantized" else x
+    if kind == "quantized":
+        return act_quant_values(x[None])[0]
+    return bf16_round(x) if kind == "bf16" else x
 
 
 def measure(k, table, nbytes, xp, reps: int, bwbuf) -> dict:
@@ -120,7 +124,8 @@ def run(args) -> list[str]:
         count = args.count if fmt != "f32" else args.count // 2
         for shape in SHAPES:
             table, nbytes = make_table(fmt, shape, count, rng)
-            for kind in (("quantized", "exact") if fmt in ("fp4", "fp8") else ("exact",)):
+            kinds = {"fp4": ("quantized", "exact"), "fp8": ("quantized", "exact"), "bf16": ("bf16", "exact")}
+            for kind in kinds.get(fmt, ("exact",)):
                 x = x_for(kind, shape[1], rng)
                 for v in variants:
                     k = gemv.Kernels(v)

@@ -111,7 +111,8 @@ def _driver(isa: str):
 
 class XPrep(NamedTuple):
     """x prepared for one kernel variant and format (prep.py): data float32 [n, L]; nterms
-    0 = fp4 integer layout, else the number of bf16 planes (1 for float layouts)."""
+    0 = the second layout (fp4 integers; bf16 on avx512: float32), else the number of bf16
+    planes (1 for float layouts)."""
     data: np.ndarray
     nterms: int
     variant: str
@@ -216,13 +217,18 @@ def _check(fmt, w, s, block, what):
 
 
 def prepared_len(variant: str, fmt: str, K: int, b1: int = 128) -> tuple[int, int]:
-    """float32 length of one prepared x row: (integer layout or -1, per bf16 plane / float)."""
+    """float32 length of one prepared x row: (layout of nterms 0 or -1, per bf16 plane /
+    float); nterms 0 is the fp4 integer layout, or for bf16 on avx512 the float32 one."""
     if fmt == "f32":
         return -1, K
     n = len(prep.layout(variant, fmt, K, b1)[0])
     if variant == "avx512" and fmt in prep.TERM_FORMATS:
         n //= 2                                  # bf16 words, stored as float32 pairs
-    return (prep.int_len(K) if fmt == "fp4" and variant != "numba" else -1), n
+    if fmt == "fp4" and variant != "numba":
+        return prep.int_len(K), n
+    if fmt == "bf16" and variant == "avx512":
+        return len(prep.layout("avx2", fmt, K, b1)[0]), n
+    return -1, n
 
 
 @dataclass(frozen=True)

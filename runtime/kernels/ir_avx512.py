@@ -13,6 +13,8 @@ the float32 reference to accumulation rounding.
   bytes interleaved to words; per-tile sum times the tile scale.
 - bf16: the weight words go straight into `vdpbf16ps` against x' planes in natural order
   (x' [chunk of 32][term][32 words]); half the x traffic of a float32 x and no decode.
+  For x that is not bf16-exact (nterms 0) the ymm kernel of ir_avx2.py with a float32 x
+  (three planes would triple the x reads).
 - f32 weights: the ymm kernel of ir_avx2.py (x as float32), which streamed better on Zen 4
   than a zmm version did.
 Exported functions share one C signature (see ir.SIGNATURE).
@@ -328,13 +330,22 @@ def _fp8_export() -> str:
 
 
 def module() -> str:
-    def bf16(f, r, _):
+    def bf16(f, r, _):                    # nterms 0: x in the avx2 float layout
         w = f.gep("i8", "%w", f(f"mul i64 {f(f'mul i64 {r}, %K')}, 2"))
-        return by_nterms(f, "avx512_bf16_row", f"ptr {w}, ptr %x, i64 %K")
+        f.cbr(f("icmp eq i64 %nterms, 0"), "%bflt", "%bpl")
+        f.label("bflt")
+        a = f(f"call float @avx2_bf16_row(ptr {w}, ptr %x, i64 %K)")
+        f.br("%bj")
+        f.label("bpl")
+        b = by_nterms(f, "avx512_bf16_row", f"ptr {w}, ptr %x, i64 %K")
+        b_blk = f.block
+        f.br("%bj")
+        f.label("bj")
+        return f.merge("float", [(a, "%bflt"), (b, b_blk)])
 
     parts = [DECLS] + ir_avx512_int.functions()
     parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt) for nt in NTERMS]
     parts += [_bf16_row(nt) for nt in NTERMS]
     parts += [ir_avx512_int.fp4_export(), _fp8_export(), _export("bf16", bf16)]
-    parts += ir_avx2.float_kernels("avx512", ("f32",))
+    parts += ir_avx2.float_kernels("avx512", ("f32",)) + [ir_avx2.float_row("bf16")]
     return "\n\n".join(parts)

@@ -5,7 +5,8 @@ works with the variant that made it. `prepare` maps x [n, K] float32 to [n, L]:
 - fp4 on avx512 and avx2, when every 32-group of x is integer * 2^E with < 24 bits (always
   for e4m3-quantized activations): the integer layout of `fp4_int` (nterms 0).
 - avx512: bf16 planes. x = t0 + t1 + t2 exactly, t_j bf16 (`nterms` = 3); when x is already
-  bf16-exact (e4m3-quantized activations are) one plane suffices (`nterms` = 1).
+  bf16-exact (e4m3-quantized activations are) one plane suffices (`nterms` = 1). bf16
+  weights with x that is not bf16-exact take the avx2 float32 layout instead (`nterms` 0).
   fp4 [group][nterms][32 words]; fp8 [tile][chunk][nterms][64 words], chunks of 64 restarting
   at each b1-tile; bf16 [chunk][nterms][32 words] in natural order.
 - avx2: float32. fp4 [pair of groups][64] * 2^-25; fp8 [tile][chunk][32] * 2^60 (a tile's
@@ -169,7 +170,8 @@ def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
 
 def prepare(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple[np.ndarray, int]:
     """x [n, K] float32 (C-contiguous) -> (prepared float32 [n, L], nterms); nterms 0 marks
-    the fp4 integer layout, > 0 the number of bf16 planes (stored as float32 pairs)."""
+    the format's second layout (fp4: integers; bf16 on avx512: the avx2 float32 layout, for
+    x that is not bf16-exact), > 0 the number of bf16 planes (stored as float32 pairs)."""
     x = np.ascontiguousarray(x, dtype=F32)
     n, K = x.shape
     if fmt == "f32":
@@ -179,6 +181,11 @@ def prepare(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple[np.nd
         if xi is not None:
             return xi, 0
     from .prep_nb import bf16_exact_rows, bf16_gather_rows, gather_rows, terms_rows  # noqa: PLC0415
+    if variant == "avx512" and fmt == "bf16" and not bf16_exact_rows(x):
+        idx, _ = layout("avx2", fmt, K, b1)              # 3 planes would triple the x reads:
+        out = np.empty((n, idx.size), F32)               # the ymm float kernel instead
+        gather_rows(x, idx, F32(1.0), out)
+        return out, 0
     idx, scale = layout(variant, fmt, K, b1)
     if variant == "avx512" and fmt in TERM_FORMATS:
         nt = 1 if bf16_exact_rows(x) else 3
@@ -202,6 +209,8 @@ def prepare_numpy(variant: str, fmt: str, x: np.ndarray, b1: int = 128) -> tuple
         xi = fp4_int_numpy(x)
         if xi is not None:
             return xi, 0
+    if variant == "avx512" and fmt == "bf16" and not bf16_exact(x):
+        return _gather(x, layout("avx2", fmt, K, b1)[0]), 0
     idx, scale = layout(variant, fmt, K, b1)
     if variant == "avx512" and fmt in TERM_FORMATS:
         nt = 1 if bf16_exact(x) else 3
