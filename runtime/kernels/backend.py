@@ -367,10 +367,10 @@ class FastBackend(FusedOps, RefBackend):
         return self._moe_plans[key]
 
     def _moe_decode(self, x, idx, wts, w: MoEW, limit, shared_limit):
-        """Routed experts of all rows and the shared expert: w1/w3 in one gemv region per
-        weight format, the fused SwiGLU + quantization (moe_glue.py), w2 likewise, then the
-        fused sum. Jobs: routed (row s, slot t) is job s*k + t, the shared expert of row s
-        is job S*k + s."""
+        """Routed experts of all rows and the shared expert: w1/w3 of all of them in one
+        gemv region (FP4 and FP8 jobs together), the fused SwiGLU + quantization
+        (moe_glue.py), all w2 in a second region, then the fused sum. Jobs: routed (row s,
+        slot t) is job s*k + t, the shared expert of row s is job S*k + s."""
         plan = self._moe_plan(w)
         if plan is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)

@@ -11,7 +11,8 @@ same-format matrices (built once at load; views into memory-mapped files are fin
 is copied) and `gemv_batch(table, mats, xp, xsel)` computes y_j = W[mats[j]] x[xsel[j]] for
 all jobs j in ONE parallel region, split into (job x row-block) units of equal bytes.
 `MixedTable` joins the tables of several formats so that `gemv_mixed` runs jobs of
-different formats, each on x prepared for its format, in one region. The kernel variant (avx512 / avx2 / numba) is chosen once per process (cpu.py); every
+different formats, each on x prepared for its format, in one region. The kernel variant
+(avx512 / avx2 / numba) is chosen once per process (cpu.py); every
 compiled driver is cached on disk (NUMBA_CACHE_DIR), so a second process starts fast.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 
 from dsv4.quant.formats import E2M1_VALUES
 
-from .irgen import Fn, counted_loop, splat, vec
+from .irgen import Fn, choose, counted_loop, splat, vec
 
 Y = "<8 x float>"
 I = "<8 x i32>"
@@ -319,15 +319,8 @@ def module() -> str:
         ng = f("lshr i64 %K, 5")
         off = f(f"mul i64 {r}, {ng}")
         args = f"ptr {f.gep('i8', '%w', f(f'shl i64 {off}, 4'))}, ptr {f.gep('i8', '%s', off)}, ptr %x, i64 {ng}"
-        f.cbr(f("icmp eq i64 %nterms, 0"), "%int", "%flt")
-        f.label("int")
-        a = f(f"call float @avx2_fp4_int_row({args})")
-        f.br("%join")
-        f.label("flt")
-        b = f(f"call float @avx2_fp4_row({args})")
-        f.br("%join")
-        f.label("join")
-        return f.merge("float", [(a, "%int"), (b, "%flt")])
+        return choose(f, f("icmp eq i64 %nterms, 0"), lambda f: f(f"call float @avx2_fp4_int_row({args})"),
+                      lambda f: f(f"call float @avx2_fp4_row({args})"))
 
     def fp8(f, r):
         band = f(f"udiv i64 {f(f'add i64 %row0, {r}')}, %b0")

@@ -26,7 +26,7 @@ import numpy as np
 from dsv4.quant.formats import E2M1_VALUES, E4M3_VALUES
 
 from . import ir_avx2, ir_avx512_int
-from .irgen import Fn, bf16_bits, by_nterms, counted_loop, i8s, mask_first, splat, vec, vsum
+from .irgen import Fn, bf16_bits, by_nterms, choose, counted_loop, i8s, mask_first, splat, vec, vsum
 
 Z = "<16 x float>"
 BF = "<32 x bfloat>"
@@ -315,33 +315,18 @@ def _fp8_export() -> str:
         band = f(f"udiv i64 {f(f'add i64 %row0, {r}')}, %b0")
         srow = f.gep("i8", "%s", f(f"mul i64 {band}, %scols"))
         w = f.gep("i8", "%w", f(f"mul i64 {r}, %K"))
-        f.cbr(f("icmp eq i64 %b1, 128"), "%t128", "%tgen")
-        f.label("t128")
-        a = by_nterms(f, "avx512_fp8_r128_", f"ptr {w}, ptr {srow}, ptr %x, i64 %K, ptr {buf}")
-        a_blk = f.block
-        f.br("%tj")
-        f.label("tgen")
-        b = by_nterms(f, "avx512_fp8_row", f"ptr {w}, ptr {srow}, ptr %x, i64 %K, i64 %b1")
-        b_blk = f.block
-        f.br("%tj")
-        f.label("tj")
-        return f.merge("float", [(a, a_blk), (b, b_blk)])
+        return choose(f, f("icmp eq i64 %b1, 128"),
+                      lambda f: by_nterms(f, "avx512_fp8_r128_", f"ptr {w}, ptr {srow}, ptr %x, i64 %K, ptr {buf}"),
+                      lambda f: by_nterms(f, "avx512_fp8_row", f"ptr {w}, ptr {srow}, ptr %x, i64 %K, i64 %b1"))
     return _export("fp8", fp8, buf)
 
 
 def module() -> str:
     def bf16(f, r, _):                    # nterms 0: x in the avx2 float layout
         w = f.gep("i8", "%w", f(f"mul i64 {f(f'mul i64 {r}, %K')}, 2"))
-        f.cbr(f("icmp eq i64 %nterms, 0"), "%bflt", "%bpl")
-        f.label("bflt")
-        a = f(f"call float @avx2_bf16_row(ptr {w}, ptr %x, i64 %K)")
-        f.br("%bj")
-        f.label("bpl")
-        b = by_nterms(f, "avx512_bf16_row", f"ptr {w}, ptr %x, i64 %K")
-        b_blk = f.block
-        f.br("%bj")
-        f.label("bj")
-        return f.merge("float", [(a, "%bflt"), (b, b_blk)])
+        return choose(f, f("icmp eq i64 %nterms, 0"),
+                      lambda f: f(f"call float @avx2_bf16_row(ptr {w}, ptr %x, i64 %K)"),
+                      lambda f: by_nterms(f, "avx512_bf16_row", f"ptr {w}, ptr %x, i64 %K"))
 
     parts = [DECLS] + ir_avx512_int.functions()
     parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt) for nt in NTERMS]

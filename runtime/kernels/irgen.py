@@ -155,6 +155,19 @@ def vsum(f: Fn, accs: list[str], ty: str = "<16 x float>") -> str:
     return s
 
 
+def choose(f: Fn, cond: str, yes, no, ty: str = "float") -> str:
+    """cond ? yes(f) : no(f), each emitting its own blocks; returns the merged value."""
+    tag = f.new()[1:]
+    f.cbr(cond, f"%{tag}_y", f"%{tag}_n")
+    vals = []
+    for side, fn in (("y", yes), ("n", no)):
+        f.label(f"{tag}_{side}")
+        vals.append((fn(f), f.block))
+        f.br(f"%{tag}_j")
+    f.label(f"{tag}_j")
+    return f.merge(ty, vals)
+
+
 def by_nterms(f: Fn, name: str, args: str, cases=(1, 2, 3)) -> str:
     """float @{name}{nt}(args) for nt = %nterms (anything not in cases -> the last case),
     one switch per call."""
