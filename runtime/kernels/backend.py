@@ -17,7 +17,7 @@ from ..linear import LinearW
 from ..nn import F32
 from ..numerics import Numerics
 from ..params import MoEW
-from . import attn, gemv, moe_glue
+from . import attn, gemv, moe_glue, moe_step
 from .actq import act_quant_values
 from .dequant import dequant_rows
 from .fused_ops import FusedOps
@@ -134,6 +134,8 @@ class FastBackend(FusedOps, RefBackend):
         self._moe_plans: dict = {}                      # id(MoEW) -> _MoEPlan | None
         self._moe_layouts: dict = {}                    # (plan, rows, k, ...) -> _MoELayout
         self._job_plans: dict = {}                      # (weight keys, rows) -> job layout
+        self._step_layouts: dict = {}                   # (K, b1) -> moe_step x-layout constants
+        self.compiled_moe = True                        # decode MoE via moe_step.py
 
     # ------------------------------------------------------------ set-up
     def prepare(self, model) -> None:
@@ -374,6 +376,10 @@ class FastBackend(FusedOps, RefBackend):
         plan = self._moe_plan(w)
         if plan is None:
             return super().moe_experts(x, idx, wts, w, limit, shared_limit)
+        if self.compiled_moe:
+            out = self._moe_compiled(x, idx, wts, w, plan, limit, shared_limit)
+            if out is not None:
+                return out
         S, k = idx.shape
         d, inter = x.shape[1], plan.inter
         lay = self._moe_layout(plan, S, k, d, limit, shared_limit)
@@ -393,6 +399,40 @@ class FastBackend(FusedOps, RefBackend):
         out = np.empty(x.shape, F32)
         moe_glue.combine_rows(y, lay.yoff, order, lay.shared_jobs, self._rnd, out)
         return out
+
+    def _moe_compiled(self, x, idx, wts, w: MoEW, plan, limit, shared_limit):
+        """The step as three compiled calls around its two gemv regions (moe_step.py) where
+        it applies, else None."""
+        if (self.k.variant not in ("avx512", "avx2") or not self.num.quantize_activations or plan.fmt != "fp4"
+                or plan.sfmt != "fp8" or not plan.w2_quantized or not w.shared.w1.quantized):
+            return None
+        S, k = idx.shape
+        d, b1, inter = x.shape[1], self.tables["fp8"].block[1], plan.inter
+        o4, o8 = self.mixed.offset["fp4"], self.mixed.offset["fp8"]
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        ok, xp, info, mats, xsel = moe_step.stage1(
+            np.ascontiguousarray(x, dtype=F32), idx, plan.w1 + o4, plan.w3 + o4, plan.s1 + o8, plan.s3 + o8,
+            w.shared.w1.block[1], *self._step_layout(d, b1))
+        if not ok:
+            return None
+        gu = self.k.drive_rows(self.mixed, mats, xsel, xp, info, np.empty(2 * (S * k + S) * inter, F32))
+        ok, xp, info, mats, xsel = moe_step.stage2(
+            gu, idx, np.ascontiguousarray(wts, dtype=F32), plan.w2 + o4, plan.s2 + o8, inter, F32(limit),
+            F32(shared_limit), plan.w2_block, self._rnd, *self._step_layout(inter, b1))
+        if not ok:
+            return None
+        y = self.k.drive_rows(self.mixed, mats, xsel, xp, info, np.empty((S * k + S) * d, F32))
+        out = np.empty(x.shape, F32)
+        moe_step.stage3(y, idx, self._rnd, out)
+        return out
+
+    def _step_layout(self, K, b1):
+        key = (K, b1)
+        if key not in self._step_layouts:
+            lay = moe_step.Layout(self.k.variant, K, b1)
+            self._step_layouts[key] = (lay.int_header, lay.int_len, lay.fp8_idx, lay.fp8_words, lay.fp8_scale,
+                                       lay.fp8_len)
+        return self._step_layouts[key]
 
     def _moe_layout(self, plan, S, k, d, limit, shared_limit):
         """The job arrays of a decode MoE step that do not depend on the routing (cached)."""

@@ -259,7 +259,7 @@ class Kernels:
             raise ValueError("xsel must have one entry per job")
         xinfo = np.empty((xp.data.shape[0], 3), np.int64)
         xinfo[:] = (xp.nterms, xp.data.shape[1], table.code)
-        return self._drive(table, mats, xsel, xp.data, xinfo, out)
+        return self.drive_rows(table, mats, xsel, xp.data, xinfo, out)
 
     def gemv_mixed(self, table: MixedTable, segments, out: np.ndarray | None = None) -> np.ndarray:
         """Jobs of several formats in ONE parallel region: segments [(fmt, rows of that
@@ -288,9 +288,12 @@ class Kernels:
                 xcat[r:r + n, :L] = xp.data
             xinfo[r:r + n] = (xp.nterms, L, FORMATS.index(xp.fmt))
             r += n
-        return self._drive(table, np.concatenate(mats), np.concatenate(xsel), xcat, xinfo, out)
+        return self.drive_rows(table, np.concatenate(mats), np.concatenate(xsel), xcat, xinfo, out)
 
-    def _drive(self, table, mats, xsel, xdata, xinfo, out):
+    def drive_rows(self, table, mats, xsel, xdata, xinfo, out: np.ndarray | None = None) -> np.ndarray:
+        """The driver on prepared rows: xdata [nx, L] with xinfo [nx, 3] = (nterms, floats
+        used, format index) per row (also for rows prepared in compiled code, moe_step.py);
+        the driver checks them against each job's matrix."""
         if out is None:
             out = _NONE
         elif out.dtype != np.float32 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
