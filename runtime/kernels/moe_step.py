@@ -65,8 +65,9 @@ def _prepare(x, n4, int_header, int_len, fp8_idx, fp8_words, fp8_scale, fp8_len,
 
 @njit(cache=True, boundscheck=False)
 def stage1(x, idx, w1r, w3r, s1, s3, qblock, int_header, int_len, fp8_idx, fp8_words, fp8_scale, fp8_len):
-    """x [S, d] -> (prepared x rows [2S, L], their info, matrix rows, x rows) of the w1/w3
-    jobs: routed gates, routed ups, shared gate, shared up; None: use the Python path."""
+    """x [S, d] -> (ok, prepared x rows [2S, L], their info, matrix rows, x rows) of the
+    w1/w3 jobs: routed gates, routed ups, shared gate, shared up (ok False: the caller
+    takes the general path)."""
     S, k = idx.shape
     d = x.shape[1]
     nr = S * k
