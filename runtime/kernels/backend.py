@@ -63,7 +63,6 @@ class FastBackend(MoEOps, FusedOps, RefBackend):
         self._moe_plans: dict = {}                      # id(MoEW) -> _MoEPlan | None
         self._moe_layouts: dict = {}                    # (plan, rows, k, ...) -> _MoELayout
         self._job_plans: dict = {}                      # (weight keys, rows) -> job layout
-        self._step_layouts: dict = {}                   # (K, b1) -> moe_step x-layout constants
         self.compiled_moe = True                        # decode MoE via moe_step.py
 
     # ------------------------------------------------------------ set-up

@@ -33,6 +33,7 @@ class _MoEPlan(NamedTuple):
     inter: int
     w2_quantized: bool
     w2_block: int
+    mixed: tuple                  # the six row sets above as rows of the mixed table
 
 
 class _MoELayout(NamedTuple):
@@ -53,7 +54,7 @@ class _MoELayout(NamedTuple):
     shared_jobs: np.ndarray       # [S]: the shared job of each row
 
 
-def _moe_plan(where, w: MoEW) -> _MoEPlan | None:
+def _moe_plan(where, offset, w: MoEW) -> _MoEPlan | None:
     experts = list(w.experts)
     sh = w.shared
     inter = sh.w1.out_features
@@ -69,8 +70,11 @@ def _moe_plan(where, w: MoEW) -> _MoEPlan | None:
     if len(fmts) != 1 or len(sfmts) != 1:
         return None
     rows = {name: np.array([loc[1] for loc in v[:-1]], np.int64) for name, v in locs.items()}
-    return _MoEPlan(fmts.pop(), rows["w1"], rows["w3"], rows["w2"], sfmts.pop(), locs["w1"][-1][1],
-                    locs["w3"][-1][1], locs["w2"][-1][1], inter, sh.w2.quantized, sh.w2.block[1])
+    fmt, sfmt = fmts.pop(), sfmts.pop()
+    shared = [locs[name][-1][1] for name in ("w1", "w3", "w2")]
+    mixed = tuple(rows[name] + offset[fmt] for name in ("w1", "w3", "w2")) + tuple(r + offset[sfmt] for r in shared)
+    return _MoEPlan(fmt, rows["w1"], rows["w3"], rows["w2"], sfmt, *shared, inter, sh.w2.quantized, sh.w2.block[1],
+                    mixed)
 
 
 class MoEOps:
@@ -135,7 +139,7 @@ class MoEOps:
         mixed formats or sizes, or matrices missing from the tables)."""
         key = id(w)
         if key not in self._moe_plans:
-            self._moe_plans[key] = _moe_plan(self.where, w)
+            self._moe_plans[key] = _moe_plan(self.where, self.mixed.offset, w)
         return self._moe_plans[key]
 
     def _moe_decode(self, x, idx, wts, w: MoEW, limit, shared_limit):
@@ -178,31 +182,23 @@ class MoEOps:
             return None
         S, k = idx.shape
         d, b1, inter = x.shape[1], self.tables["fp8"].block[1], plan.inter
-        o4, o8 = self.mixed.offset["fp4"], self.mixed.offset["fp8"]
+        m1, m3, m2, ms1, ms3, ms2 = plan.mixed
         idx = np.ascontiguousarray(idx, dtype=np.int64)
         ok, xp, info, mats, xsel = moe_step.stage1(
-            np.ascontiguousarray(x, dtype=F32), idx, plan.w1 + o4, plan.w3 + o4, plan.s1 + o8, plan.s3 + o8,
-            w.shared.w1.block[1], *self._step_layout(d, b1))
+            np.ascontiguousarray(x, dtype=F32), idx, m1, m3, ms1, ms3, w.shared.w1.block[1],
+            *moe_step.x_layout(self.k.variant, d, b1))
         if not ok:
             return None
         gu = self.k.drive_rows(self.mixed, mats, xsel, xp, info, np.empty(2 * (S * k + S) * inter, F32))
         ok, xp, info, mats, xsel = moe_step.stage2(
-            gu, idx, np.ascontiguousarray(wts, dtype=F32), plan.w2 + o4, plan.s2 + o8, inter, F32(limit),
-            F32(shared_limit), plan.w2_block, self._rnd, *self._step_layout(inter, b1))
+            gu, idx, np.ascontiguousarray(wts, dtype=F32), m2, ms2, inter, F32(limit),
+            F32(shared_limit), plan.w2_block, self._rnd, *moe_step.x_layout(self.k.variant, inter, b1))
         if not ok:
             return None
         y = self.k.drive_rows(self.mixed, mats, xsel, xp, info, np.empty((S * k + S) * d, F32))
         out = np.empty(x.shape, F32)
         moe_step.stage3(y, idx, self._rnd, out)
         return out
-
-    def _step_layout(self, K, b1):
-        key = (K, b1)
-        if key not in self._step_layouts:
-            lay = moe_step.Layout(self.k.variant, K, b1)
-            self._step_layouts[key] = (lay.int_header, lay.int_len, lay.fp8_idx, lay.fp8_words, lay.fp8_scale,
-                                       lay.fp8_len)
-        return self._step_layouts[key]
 
     def _moe_layout(self, plan, S, k, d, limit, shared_limit):
         """The job arrays of a decode MoE step that do not depend on the routing (cached)."""

@@ -16,6 +16,8 @@ not fit the integer layout after all; the caller then takes the general path.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
@@ -27,16 +29,15 @@ from .prep_nb import bf16_gather_rows, fp4_int_rows, gather_rows
 F32 = np.float32
 
 
-class Layout:
-    """Per (variant, K): the x preparation constants the compiled step needs."""
-
-    def __init__(self, variant: str, K: int, b1: int):
-        self.int_header, self.int_len = prep.int_header(K), prep.int_len(K)
-        idx, scale = prep.layout(variant, "fp8", K, b1)
-        self.fp8_idx = np.ascontiguousarray(idx, np.int64)
-        self.fp8_words = variant == "avx512"             # bf16 words (one plane), else floats
-        self.fp8_scale = F32(scale)
-        self.fp8_len = idx.size // 2 if self.fp8_words else idx.size
+@functools.cache
+def x_layout(variant: str, K: int, b1: int) -> tuple:
+    """The x preparation constants of the stages for one variant and K: (FP4 integer
+    layout header, its length, FP8 slot index, FP8 as bf16 words (avx512; else floats),
+    FP8 x scale, FP8 row length in floats)."""
+    idx, scale = prep.layout(variant, "fp8", K, b1)
+    words = variant == "avx512"
+    return (prep.int_header(K), prep.int_len(K), np.ascontiguousarray(idx, np.int64), words, F32(scale),
+            idx.size // 2 if words else idx.size)
 
 
 @njit(cache=True, boundscheck=False)
