@@ -77,7 +77,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     configure_threads(threads, threading)
     folder = resolve_model(model, progress=sys.stderr.isatty())
     note_first_compile(backend)
-    m = Model.load(folder, numerics_from(exact, revision), backend=backend)
+    m = Model.load(folder, numerics_from(exact, revision), backend=backend, warm=True)
     tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)
 
     defaults = {"temperature": 0.6, **generation_defaults(folder)}

@@ -35,6 +35,22 @@ def make_backend(name: str, num: Numerics):
     raise DsvError(f"unknown backend '{name}' (choose 'ref' or 'fast')")
 
 
+def per_token_weights(cfg: ModelConfig, names: list[str]) -> list[str]:
+    """The tensors every decoded token reads, in the order the forward reads them: all but
+    the embedding table (a row per token), the routed experts (chosen per token) and MTP."""
+    per_layer: dict[str, list[str]] = {}
+    rest = []
+    for n in names:
+        if n.startswith("layers."):
+            prefix = n[:n.index(".", len("layers.")) + 1]                 # "layers.<i>."
+            if not n.startswith(prefix + "ffn.experts."):
+                per_layer.setdefault(prefix, []).append(n)
+        elif not n.startswith("mtp.") and n != "embed.weight":
+            rest.append(n)                                                # head, norm, hc_head
+    return [n for layer in range(cfg.n_layers)
+            for n in per_layer.get(cfg.layer_prefix(layer), [])] + rest
+
+
 class Model:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, num: Numerics, backend,
                  ckpt: Checkpoint | None = None):
@@ -44,11 +60,16 @@ class Model:
 
     @classmethod
     def load(cls, model_dir: str | Path, numerics: Numerics | None = None,
-             backend: str = "ref", with_mtp: bool = True) -> "Model":
+             backend: str = "ref", with_mtp: bool = True, warm: bool = False) -> "Model":
+        """Map and validate a checkpoint folder. ``warm``: page in the weights every token
+        reads on a background thread, overlapping the backend's start-up (shortens the first
+        forward of a fresh process)."""
         num = numerics or Numerics()
         cfg = ModelConfig.load(model_dir)
         ckpt = Checkpoint(model_dir)
         weights = load_weights(ckpt, cfg, with_mtp=with_mtp)
+        if warm:
+            ckpt.prefault_background(per_token_weights(cfg, ckpt.names()))
         be = make_backend(backend, num)
         model = cls(cfg, weights, num, be, ckpt)
         if hasattr(be, "prepare"):          # fast kernels build their address tables once

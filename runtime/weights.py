@@ -346,6 +346,18 @@ class Checkpoint:
                         progress(done, total)
         return total
 
+    def prefault_background(self, names: Iterable[str]) -> threading.Thread:
+        """Start a daemon thread that faults in the named tensors' pages, in the order given.
+
+        The page touches run in NumPy with the GIL released, so this overlaps with start-up
+        work on the main thread (imports, kernel loading, tokenizer) on another core.
+        """
+        names = list(names)
+        thread = threading.Thread(target=self.prefault, args=(names,), daemon=True,
+                                  name="dsv4-prefault")
+        thread.start()
+        return thread
+
 
 def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[list[int]] = []

@@ -11,8 +11,10 @@ import pytest
 from dsv4.quant.blocks import q4, q8
 from dsv4.runtime.errors import DsvError
 from dsv4.runtime.kv_cache import Fp4KeyStore, Fp8KVStore
-from dsv4.runtime.model import Model
+from dsv4.runtime.config import ModelConfig
+from dsv4.runtime.model import Model, per_token_weights
 from dsv4.runtime.numerics import Numerics
+from dsv4.runtime.weights import Checkpoint
 
 
 def run_chunks(model, ids, sizes, capacity=None):
@@ -103,6 +105,22 @@ def test_context_limit_and_bad_ids(tiny_dir):
         model.forward(list(range(8)), cache)
     with pytest.raises(DsvError, match="outside the vocabulary"):
         model.forward([model.cfg.vocab_size], model.new_cache(4))
+
+
+def test_per_token_weights_are_the_dense_ones_in_forward_order(tiny_dir):
+    ck = Checkpoint(tiny_dir)
+    cfg = ModelConfig.load(tiny_dir)
+    names = per_token_weights(cfg, ck.names())
+    assert len(set(names)) == len(names)
+    expected = {n for n in ck.names() if ".experts." not in n and not n.startswith("mtp.")
+                and n != "embed.weight"}
+    assert set(names) == expected
+    layers = [int(n.split(".")[1]) for n in names if n.startswith("layers.")]
+    assert layers == sorted(layers) and layers[0] == 0 and layers[-1] == cfg.n_layers - 1
+    assert "head.weight" in names and "layers.0.ffn.shared_experts.w1.weight" in names
+    model = Model.load(tiny_dir, warm=True)            # the background thread is harmless
+    cache = model.new_cache(8)
+    assert np.isfinite(model.forward([1, 2], cache)).all()
 
 
 def test_mtp_weights_load(tiny_dir):

@@ -362,6 +362,19 @@ def test_prefault_maps_pages_in(tmp_path):
     assert rss_file_kb() - before > 0.9 * size / 1024
 
 
+def test_prefault_background_maps_named_tensors_only(tmp_path):
+    size = 16 << 20
+    write_safetensors(tmp_path / "a.safetensors", {"w": ("U8", np.ones(size, np.uint8)),
+                                                   "skip": ("U8", np.ones(size, np.uint8))})
+    ck = Checkpoint(tmp_path)
+    before = rss_file_kb()
+    thread = ck.prefault_background(["w"])
+    thread.join(timeout=60)
+    assert not thread.is_alive() and thread.daemon
+    grown = rss_file_kb() - before
+    assert 0.9 * size / 1024 < grown < 1.5 * size / 1024
+
+
 # ---------------------------------------------------------------- writer edge cases
 
 
