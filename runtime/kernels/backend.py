@@ -1,8 +1,9 @@
 """The fast backend: same methods and semantics as RefBackend, computed by SIMD kernels.
 
 Decode-sized calls (a few rows) run the matrix-vector kernels of gemv.py on the weights'
-on-disk formats, many matrices per parallel region; prefill-sized calls dequantize weight
-rows into a float32 scratch buffer and multiply with BLAS sgemm. Attention-side work uses
+on-disk formats, many matrices per parallel region; prefill-sized calls use the bf16 GEMM
+of gemm.py where it applies (gemm_ops.py), else dequantize weight rows into a float32
+scratch buffer and multiply with BLAS sgemm. Attention-side work uses
 attn.py. Results equal the reference's to float32 accumulation rounding; in exact mode the
 two backends agree to float32 noise end to end.
 """
@@ -18,6 +19,7 @@ from . import attn, gemv
 from .actq import act_quant_values
 from .dequant import dequant_rows
 from .fused_ops import FusedOps
+from .gemm_ops import GemmOps
 from .moe_ops import MoEOps
 from .weight_index import (
     GEMV_MAX_ROWS,
@@ -49,7 +51,7 @@ def _job_plan(where, tables, weights, xrows):
     return segments, start, a
 
 
-class FastBackend(MoEOps, FusedOps, RefBackend):
+class FastBackend(GemmOps, MoEOps, FusedOps, RefBackend):
     name = "fast"
 
     def __init__(self, num: Numerics):
@@ -64,6 +66,9 @@ class FastBackend(MoEOps, FusedOps, RefBackend):
         self._moe_layouts: dict = {}                    # (plan, rows, k, ...) -> _MoELayout
         self._job_plans: dict = {}                      # (weight keys, rows) -> job layout
         self.compiled_moe = True                        # decode MoE via moe_step.py
+        self.bf16_gemm = self.k.variant == "avx512"     # prefill fp4/fp8 GEMMs via gemm.py
+        self._gemm_fits: dict[int, bool] = {}           # weight_key -> scales fit bf16
+        self._gemm_checked = False                      # selfcheck.check_gemm ran
 
     # ------------------------------------------------------------ set-up
     def prepare(self, model) -> None:
@@ -155,8 +160,13 @@ class FastBackend(MoEOps, FusedOps, RefBackend):
         return out
 
     def _apply(self, x2: np.ndarray, w) -> np.ndarray:
-        """x2 [S, K] (already quantized as needed) @ W^T: gemv for few rows, else sgemm."""
-        y = self._gemv_rows(x2, w) if x2.shape[0] <= GEMV_MAX_ROWS else None
+        """x2 [S, K] (already quantized as needed) @ W^T: gemv for few rows, else the bf16
+        GEMM where it applies, else sgemm."""
+        if x2.shape[0] <= GEMV_MAX_ROWS:
+            y = self._gemv_rows(x2, w)
+        else:
+            y = self._gemm_rows(self._pack(x2), [w])
+            y = None if y is None else np.ascontiguousarray(y.T)
         return self._sgemm(x2, w) if y is None else y
 
     def _matmul(self, x: np.ndarray, w, quantize_input: bool = True) -> np.ndarray:
@@ -213,6 +223,9 @@ class FastBackend(MoEOps, FusedOps, RefBackend):
     def _grouped_sgemm(self, x, w: LinearW):
         S, G, K = x.shape
         L = w.out_features // G
+        y = self._grouped_gemm(x, w, L)
+        if y is not None:
+            return y
         scratch = self.scratch(L, K)
         out = np.empty((S, G, L), F32)
         for g in range(G):

@@ -25,7 +25,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from . import ir_avx2, ir_avx512  # noqa: F401 - ir_avx512 pulls in ir_avx512_int
+from . import ir_avx2, ir_avx512, ir_gemm  # noqa: F401 - ir_avx512 pulls in ir_avx512_int
 
 FORMATS = ("fp4", "fp8", "bf16", "f32")
 MODULES = {"avx512": ir_avx512.module, "avx2": ir_avx2.module}
@@ -33,8 +33,9 @@ REQUIRED = {
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512bf16", "avx512vnni", "fma"),
     "avx2": ("avx2", "fma"),
 }
+PARAMS = ir_gemm.PARAMS            # other exported functions: parameter kinds, 'p' = ptr
 SIGNATURE = "(ptr w, ptr s, ptr x, ptr y, i64 nrows, i64 K, i64 nterms, i64 row0, i64 b0, i64 b1, i64 scols)"
-_SOURCES = ("ir.py", "irgen.py", "ir_avx2.py", "ir_avx512.py", "ir_avx512_int.py", "plain.py", "bits.py")
+_SOURCES = ("ir.py", "irgen.py", "ir_avx2.py", "ir_avx512.py", "ir_avx512_int.py", "ir_gemm.py", "plain.py", "bits.py")
 
 
 class UnsupportedISA(RuntimeError):
@@ -98,6 +99,33 @@ def ir_rows(typingctx, isa, fmt, w, s, x, y, nrows, K, nterms, row0, b0, b1, sco
         builder.call(fn, [builder.inttoptr(a, ptr) for a in args[2:6]] + list(args[6:]))
         return context.get_dummy_value()
     return sig, codegen
+
+
+@intrinsic(prefer_literal=True)
+def ir_call(typingctx, isa, name, args):
+    """ir_call('avx512', 'dsv4_avx512_bf16_tile', (a, b, ...)): call a void function of the
+    ISA's module whose parameters are ptr or i64 (PARAMS[name], 'p' / 'i'); every argument
+    is an int64 or uint64 (addresses as integers); isa and name are string constants."""
+    for what, t in (("isa", isa), ("name", name)):
+        if not isinstance(t, types.StringLiteral):
+            raise TypingError(f"ir_call: {what} must be a string constant, got {t}")
+    kinds = PARAMS.get(name.literal_value)
+    if isa.literal_value not in MODULES or kinds is None:
+        raise TypingError(f"ir_call: no function {name.literal_value!r} in the {isa.literal_value!r} module")
+    if not isinstance(args, types.BaseTuple) or len(args) != len(kinds) or \
+            not all(isinstance(t, types.Integer) and t.bitwidth == 64 for t in args):
+        raise TypingError(f"ir_call: {name.literal_value} takes a tuple of {len(kinds)} 64-bit integers")
+
+    def codegen(context, builder, sig, cargs):
+        context.active_code_library.add_linking_library(_library(context.codegen(), isa.literal_value))
+        ptr, i64 = ir.PointerType(), ir.IntType(64)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr if k == "p" else i64 for k in kinds]),
+            name.literal_value)
+        vals = [builder.extract_value(cargs[2], i) for i in range(len(kinds))]
+        builder.call(fn, [builder.inttoptr(v, ptr) if k == "p" else v for v, k in zip(vals, kinds)])
+        return context.get_dummy_value()
+    return types.void(isa, name, args), codegen
 
 
 def assembly(isa: str, cpu: str | None = None, features: str | None = None) -> str:

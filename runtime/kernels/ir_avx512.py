@@ -25,7 +25,7 @@ import numpy as np
 
 from dsv4.quant.formats import E2M1_VALUES, E4M3_VALUES
 
-from . import ir_avx2, ir_avx512_int
+from . import ir_avx2, ir_avx512_int, ir_gemm
 from .irgen import Fn, bf16_bits, by_nterms, choose, counted_loop, i8s, mask_first, splat, vec, vsum
 
 Z = "<16 x float>"
@@ -330,7 +330,7 @@ def module() -> str:
 
     parts = [DECLS] + ir_avx512_int.functions()
     parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt) for nt in NTERMS]
-    parts += [_bf16_row(nt) for nt in NTERMS]
+    parts += [_bf16_row(nt) for nt in NTERMS] + ir_gemm.functions(_fp8_tables())
     parts += [ir_avx512_int.fp4_export(), _fp8_export(), _export("bf16", bf16)]
     parts += ir_avx2.float_kernels("avx512", ("f32",)) + [ir_avx2.float_row("bf16")]
     return "\n\n".join(parts)

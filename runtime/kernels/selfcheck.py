@@ -58,3 +58,21 @@ def check(variant: str) -> str | None:
             if not e <= TOL:
                 return f"{fmt} O={O} K={K}: error {e:.2e} of |W||x| > {TOL}"
     return None
+
+
+def check_gemm() -> str | None:
+    """The prefill bf16 GEMM (gemm.py) on small odd problems of both formats; None if right."""
+    from . import gemm  # noqa: PLC0415
+    rng = np.random.default_rng(8)
+    for fmt, M, O, K in (("fp4", 19, 13, 96), ("fp8", 7, 11, 128)):
+        W, S, Wr = problem(fmt, rng, O, K)
+        x = np.ldexp(rng.integers(-15, 16, (M, K)), rng.integers(-10, 11, (M, K))).astype(np.float32)
+        px = gemm.PackedX.pack(x)
+        if px is None:
+            return "bf16-exact x rejected by the packing step"
+        out = np.empty((O, px.xp.shape[1]), np.float32)
+        gemm.gemm_into(px, fmt, W, S, out)
+        e = max(worst(out[:, m], Wr, x[m]) for m in range(M))
+        if not e <= TOL:
+            return f"gemm {fmt} M={M} O={O} K={K}: error {e:.2e} of |W||x| > {TOL}"
+    return None

@@ -1,0 +1,140 @@
+"""Prefill GEMM on AVX-512 BF16 for MXFP4 and FP8 weights: out = x W^T with vdpbf16ps.
+
+When x is exact in bf16 (e4m3-quantized activations: the model's default rounding steps)
+and every e8m0 scale of W is in ir_gemm.SCALE_RANGE, both operands are bf16 numbers,
+so the bf16 dot-product instruction computes what a float32 GEMM of the dequantized weight
+computes, to accumulation order (products below 2^-126 are flushed, as the instruction
+does; such products are far below float32 rounding of any normal output). It runs at twice
+the float32 FMA rate and needs no float32 copy of the weight: each work unit decodes 8
+weight rows to bf16 (64 KB at K = 4096, cache-resident) and sweeps them over a block of
+packed x (ir_gemm.py). Anything else returns None and the caller uses dequantize + sgemm.
+
+x is packed once per call as bf16 pairs, xp[k / 2, m] (uint32), m padded to 16 lanes; the
+result comes back transposed, C^T [O, m], and is returned as a [M, O] view.
+"""
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from . import ir, ir_gemm
+from .bits import f32_bits, fetch_add
+
+TILE_LANES = ir_gemm.LANES * ir_gemm.MAX_NJ     # token lanes per tile call
+X_BLOCK_BYTES = 768 * 1024                      # packed x per work unit (L2-resident)
+
+
+@njit(cache=True)
+def pack_x(x, xp) -> bool:
+    """x float32 [M, K] -> xp uint32 [K / 2, mpad] bf16 pairs (lanes >= M zeroed). Returns
+    False when some value is not a zero or a normal number exact in bf16."""
+    M, K = x.shape
+    ok = True
+    for p in range(K // 2):
+        for m in range(M):
+            a = f32_bits(x[m, 2 * p])
+            b = f32_bits(x[m, 2 * p + 1])
+            ea = (a & np.uint32(0x7F800000)) != 0 or (a & np.uint32(0x7FFFFFFF)) == 0
+            eb = (b & np.uint32(0x7F800000)) != 0 or (b & np.uint32(0x7FFFFFFF)) == 0
+            ok = ok and ea and eb and (a & np.uint32(0xFFFF)) == 0 and (b & np.uint32(0xFFFF)) == 0
+            xp[p, m] = (a >> np.uint32(16)) | (b & np.uint32(0xFFFF0000))
+        for m in range(M, xp.shape[1]):
+            xp[p, m] = 0
+    return ok
+
+
+@functools.cache
+def _driver():
+    DIGEST, MR, LANES, MAX_NJ = ir.digest(), ir_gemm.MR, ir_gemm.LANES, ir_gemm.MAX_NJ  # noqa: N806
+
+    def gemm_bf16(fp8, waddr, saddr, O, K, b0, b1, scols, xp, mblk, out, wbuf):
+        """C^T rows [O, mpad] of the MXFP4 (fp8 False) or FP8 (b0 x b1 tile scales, scols
+        per band) matrix at (waddr, saddr) [O, K] times packed x; work units (x block of
+        mblk lanes, 8 weight rows) come from a shared counter; wbuf [threads, 8 * K]
+        uint16: one decoded row block per thread."""
+        assert DIGEST != ""
+        mpad = xp.shape[1]
+        nob = (O + MR - 1) // MR
+        nmb = (mpad + mblk - 1) // mblk
+        total = nob * nmb
+        nthreads = max(1, min(wbuf.shape[0], total))
+        counter = np.zeros(16, np.int64)
+        xa, ca, wa = np.uint64(xp.ctypes.data), np.uint64(out.ctypes.data), np.uint64(wbuf.ctypes.data)
+        wstride = np.uint64(wbuf.strides[0])
+        for t in prange(nthreads):
+            wb = wa + np.uint64(t) * wstride
+            while True:
+                u = fetch_add(counter, 0, 1)
+                if u >= total:
+                    break
+                mb = u // nob                         # x block outer: consecutive units share it
+                o0 = (u - mb * nob) * MR
+                nr = min(MR, O - o0)
+                if fp8:
+                    ir.ir_call("avx512", "dsv4_avx512_fp8_bf16",
+                               (waddr + np.uint64(o0 * K), saddr, wb, np.int64(nr), np.int64(K),
+                                np.int64(o0), np.int64(b0), np.int64(b1), np.int64(scols)))
+                else:
+                    ir.ir_call("avx512", "dsv4_avx512_fp4_bf16",
+                               (waddr + np.uint64(o0 * (K // 2)), saddr + np.uint64(o0 * (K // 32)), wb,
+                                np.int64(nr), np.int64(K)))
+                m_end = min(mpad, (mb + 1) * mblk)
+                for m0 in range(mb * mblk, m_end, LANES * MAX_NJ):
+                    nj = min(MAX_NJ, (m_end - m0) // LANES)
+                    ir.ir_call("avx512", "dsv4_avx512_bf16_tile",
+                               (wb, np.int64(K), np.int64(nr), xa + np.uint64(4 * m0), np.int64(mpad),
+                                ca + np.uint64(4 * (o0 * mpad + m0)), np.int64(mpad), np.int64(nj)))
+    return njit(cache=True, parallel=True, boundscheck=False)(gemm_bf16)
+
+
+def x_block_lanes(K: int) -> int:
+    """Token lanes per work unit: packed x of the unit within X_BLOCK_BYTES, >= one tile."""
+    lanes = X_BLOCK_BYTES // (2 * K) // TILE_LANES * TILE_LANES
+    return max(TILE_LANES, lanes)
+
+
+class PackedX:
+    """x [M, K] packed once for all the matrices it multiplies (None-able: see pack)."""
+
+    def __init__(self, xp: np.ndarray, M: int):
+        self.xp, self.M = xp, M
+
+    @classmethod
+    def pack(cls, x: np.ndarray) -> "PackedX | None":
+        M, K = x.shape
+        if K % 2 or M == 0:
+            return None
+        mpad = -(-M // ir_gemm.LANES) * ir_gemm.LANES
+        xp = np.empty((K // 2, mpad), np.uint32)
+        return cls(xp, M) if pack_x(np.ascontiguousarray(x, dtype=np.float32), xp) else None
+
+
+def fits(fmt: str, K: int, scale: np.ndarray, block: tuple[int, int]) -> bool:
+    """The kernels take this matrix: MXFP4 or FP8 (K and b1 multiples of 64) with every
+    e8m0 byte keeping the decoded weights normal bf16 numbers."""
+    if fmt not in ir_gemm.SCALE_RANGE or (fmt == "fp8" and (K % 64 or block[1] % 64)):
+        return False
+    lo, hi = ir_gemm.SCALE_RANGE[fmt]
+    s = scale.view(np.uint8)
+    return bool(s.size) and int(s.min()) >= lo and int(s.max()) <= hi
+
+
+def gemm_into(px: PackedX, fmt: str, weight: np.ndarray, scale: np.ndarray, out: np.ndarray,
+              block: tuple[int, int] = (128, 128)) -> None:
+    """out [O, mpad] float32 (C-contiguous rows, e.g. a row slice of a bigger buffer) =
+    W x^T for an MXFP4 (weight [O, K/2] bytes, scale e8m0 [O, K/32]) or FP8 (weight
+    [O, K] e4m3, scale e8m0 [ceil(O/b0), ceil(K/b1)]) matrix that `fits`."""
+    fp8 = fmt == "fp8"
+    O, K = weight.shape[0], weight.shape[1] * (1 if fp8 else 2)
+    want = (-(-O // block[0]), -(-K // block[1])) if fp8 else (O, K // 32)
+    if not fits(fmt, K, scale, block) or scale.shape != want or out.shape != (O, px.xp.shape[1]) \
+            or not out.flags.c_contiguous or px.xp.shape[0] != K // 2:
+        raise ValueError("gemm_into: shapes or scales do not match the kernels")
+    w = np.ascontiguousarray(weight).view(np.uint8)
+    s = np.ascontiguousarray(scale).view(np.uint8)
+    wbuf = np.empty((numba.config.NUMBA_NUM_THREADS, ir_gemm.MR * K), np.uint16)
+    _driver()(fp8, np.uint64(w.ctypes.data), np.uint64(s.ctypes.data), O, K, block[0], block[1],
+              s.shape[1], px.xp, x_block_lanes(K), out, wbuf)

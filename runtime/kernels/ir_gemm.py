@@ -1,0 +1,186 @@
+"""AVX-512 BF16 GEMM pieces for prefill (linked into the avx512 IR module; driver: gemm.py).
+
+For activations that are exact in bf16 (e4m3-quantized rows are) and MXFP4 weights, every
+operand of out = x W^T is a bf16 number, so `vdpbf16ps` (32 products per instruction, float32
+accumulation, twice the float32 FMA rate) computes the same sums as a float32 GEMM of the
+dequantized weights, to accumulation order:
+
+- `dsv4_avx512_fp4_bf16(w, s, out, nrows, K)`: nrows MXFP4 rows -> bf16 rows in natural
+  order. vpmultishiftqb puts each nibble in both bytes of its word, vpermb maps it to the
+  two bytes of bf16(e2m1), and the group's e8m0 scale is added to the exponent field of the
+  nonzero words (exact when every scale byte is in 2..252: the caller checks).
+- `dsv4_avx512_fp8_bf16(w, s, out, nrows, K, row0, b0, b1, scols)`: rows row0 .. of an
+  FP8 matrix with (b0, b1) tile scales -> bf16 rows: two vpermi2b tables give the low and
+  high bytes of bf16(e4m3), the sign is OR-ed in, bytes are interleaved to words and the
+  tile's scale is added to the exponents of the nonzero, non-NaN words (K and b1 multiples
+  of 64: the caller checks).
+- `dsv4_avx512_bf16_tile(wb, K, nr, xp, mpad, c, ldc, nj)`: C^T tile of 8 weight rows x
+  16*nj token lanes: c[r, m] = sum_k wb[r, k] x[m, k] with x packed as bf16 pairs
+  xp[k/2, m] (uint32, mpad lanes per pair). Rows r >= nr repeat row 0 and are not stored.
+  The 8 x nj accumulators stay in registers for the whole K; per k-pair: nj loads of x, 8
+  broadcasts of a weight pair, 8*nj vdpbf16ps.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dsv4.quant.formats import E2M1_VALUES
+
+from .irgen import Fn, bf16_bits, counted_loop, i8s, splat, vec
+
+Z = "<16 x float>"
+BF = "<32 x bfloat>"
+W16 = "<32 x i16>"
+MR = 8                 # weight rows per tile
+LANES = 16             # token lanes per accumulator
+MAX_NJ = 3             # accumulators per row: up to 48 token lanes per tile
+# e8m0 bytes for which adding the scale to the exponent keeps every nonzero weight a
+# normal bf16: e2m1 magnitudes 2^-1 .. 6, e4m3 magnitudes 2^-9 .. 448
+SCALE_RANGE = {"fp4": (2, 252), "fp8": (10, 246)}
+PARAMS = {"dsv4_avx512_fp4_bf16": "pppii", "dsv4_avx512_fp8_bf16": "pppiiiiii",
+          "dsv4_avx512_bf16_tile": "piipipii"}
+
+def _fp4_tables():
+    """vpermb table (index n -> high byte of bf16(e2m1 n), n | 16 -> low byte) and the
+    multishift control that puts, for word i of a 32-group, nibble i & 1 of byte i >> 1
+    in both its bytes (each qword of the shuffled input holds source bytes 2q and 2q + 1)."""
+    bits = bf16_bits(E2M1_VALUES)
+    tbl = np.zeros(64, np.int64)
+    tbl[:16] = bits >> 8
+    tbl[16:32] = bits & 0xFF
+    ctrl = []
+    for _q in range(8):
+        for word in range(4):
+            ctrl += [8 * (word >> 1) + 4 * (word & 1)] * 2
+    ix_or = [16, 0] * 32                                  # low byte first (little-endian)
+    spread = [2 * (t // 8) + (t % 2) for t in range(64)]  # qword q <- bytes 2q, 2q + 1
+    return vec("i8", i8s(tbl)), vec("i8", ctrl), vec("i8", ix_or), vec("i32", spread)
+
+
+def fp4_bf16_export() -> str:
+    tbl, ctrl, ix_or, spread = _fp4_tables()
+    f = Fn("define void @dsv4_avx512_fp4_bf16(ptr %w, ptr %s, ptr %out, i64 %nrows, i64 %K)")
+    ng = f("lshr i64 %K, 5")
+
+    def row(f, r, _):
+        wr = f.gep("i8", "%w", f(f"mul i64 {r}, {f('lshr i64 %K, 1')}"))
+        sr = f.gep("i8", "%s", f(f"mul i64 {r}, {ng}"))
+        orow = f.gep("i16", "%out", f(f"mul i64 {r}, %K"))
+
+        def group(f, g, _):
+            h = f(f"load <16 x i8>, ptr {f.gep('i8', wr, f(f'shl i64 {g}, 4'))}, align 1")
+            p = f(f"shufflevector <16 x i8> {h}, <16 x i8> poison, <64 x i32> {spread}")
+            t = f(f"call <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8> {ctrl}, <64 x i8> {p})")
+            t = f(f"and <64 x i8> {t}, {splat('i8', 64, 15)}")
+            t = f(f"or <64 x i8> {t}, {ix_or}")
+            wv = f(f"call <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8> {tbl}, <64 x i8> {t})")
+            wv = f(f"bitcast <64 x i8> {wv} to {W16}")
+            sp = f.gep("i8", sr, g)
+            wv = _add_scale(f, wv, f(f"load i8, ptr {sp}, align 1"))
+            f.put(f"store {W16} {wv}, ptr {f.gep('i16', orow, f(f'shl i64 {g}, 5'))}, align 2")
+            return []
+        counted_loop(f, ng, group, [], "g")
+        return []
+    counted_loop(f, "%nrows", row, [], "r")
+    f.put("ret void")
+    return f.end()
+
+
+def _add_scale(f: Fn, wv: str, sbyte: str) -> str:
+    """wv (32 bf16 words) times 2^(s - 127): s - 127 added to the exponent field of every
+    nonzero finite word (the caller guarantees the results stay normal)."""
+    sb = f(f"zext i8 {sbyte} to i16")
+    d = f.splat("i16", 32, f(f"shl i16 {f(f'sub i16 {sb}, 127')}, 7"))
+    mag = f(f"and {W16} {wv}, {splat('i16', 32, 0x7FFF)}")
+    nz = f(f"icmp ne {W16} {mag}, zeroinitializer")
+    fin = f(f"icmp ult {W16} {mag}, {splat('i16', 32, 0x7F80)}")
+    ok = f(f"and <32 x i1> {nz}, {fin}")
+    return f(f"select <32 x i1> {ok}, {W16} {f(f'add {W16} {wv}, {d}')}, {W16} {wv}")
+
+
+def fp8_bf16_export(tabs) -> str:
+    """tabs: ir_avx512's four 64-entry byte tables (low bytes of codes 0-63, 64-127, then
+    the high bytes) of bf16(e4m3 magnitude), NaN for 0x7F."""
+    tl0, tl1, th0, th1 = tabs
+    f = Fn("define void @dsv4_avx512_fp8_bf16(ptr %w, ptr %s, ptr %out, i64 %nrows, i64 %K, i64 %row0, "
+           "i64 %b0, i64 %b1, i64 %scols)")
+    nch = f("lshr i64 %K, 6")
+    lo_idx = vec("i32", [i + 64 * h for i in range(32) for h in (0, 1)])
+    hi_idx = vec("i32", [32 + i + 64 * h for i in range(32) for h in (0, 1)])
+
+    def row(f, r, _):
+        band = f(f"udiv i64 {f(f'add i64 %row0, {r}')}, %b0")
+        sr = f.gep("i8", "%s", f(f"mul i64 {band}, %scols"))
+        wr = f.gep("i8", "%w", f(f"mul i64 {r}, %K"))
+        orow = f.gep("i16", "%out", f(f"mul i64 {r}, %K"))
+
+        def chunk(f, c, _):
+            k0 = f(f"shl i64 {c}, 6")
+            code = f(f"load <64 x i8>, ptr {f.gep('i8', wr, k0)}, align 1")
+            lo = f(f"call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {tl0}, <64 x i8> {code}, <64 x i8> {tl1})")
+            hi = f(f"call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {th0}, <64 x i8> {code}, <64 x i8> {th1})")
+            sign = f(f"and <64 x i8> {code}, {splat('i8', 64, -128)}")
+            hi = f(f"or <64 x i8> {hi}, {sign}")
+            sp = f.gep("i8", sr, f(f"udiv i64 {k0}, %b1"))
+            sbyte = f(f"load i8, ptr {sp}, align 1")
+            for half, idx in enumerate((lo_idx, hi_idx)):
+                wv = f(f"shufflevector <64 x i8> {lo}, <64 x i8> {hi}, <64 x i32> {idx}")
+                wv = f(f"bitcast <64 x i8> {wv} to {W16}")
+                wv = _add_scale(f, wv, sbyte)
+                f.put(f"store {W16} {wv}, ptr {f.gep('i16', orow, f(f'add i64 {k0}, {32 * half}'))}, align 2")
+            return []
+        counted_loop(f, nch, chunk, [], "c")
+        return []
+    counted_loop(f, "%nrows", row, [], "r")
+    f.put("ret void")
+    return f.end()
+
+
+def _tile(nj: int) -> str:
+    f = Fn(f"define internal void @avx512_bf16_tile{nj}(ptr %wb, i64 %K, i64 %nr, ptr %xp, i64 %mpad, "
+           "ptr %c, i64 %ldc) alwaysinline")
+    rows = []
+    for r in range(MR):
+        rr = f(f"select i1 {f(f'icmp slt i64 {r}, %nr')}, i64 {r}, i64 0")
+        rows.append(f.gep("i16", "%wb", f(f"mul i64 {rr}, %K")))
+    npairs = f("lshr i64 %K, 1")
+
+    def pair(f, p, accs):
+        xrow = f.gep("i32", "%xp", f(f"mul i64 {p}, %mpad"))
+        xv = [f(f"load {BF}, ptr {f.gep('i32', xrow, LANES * j)}, align 4") for j in range(nj)]
+        out = []
+        for r in range(MR):
+            wq = f(f"load i32, ptr {f.gep('i32', rows[r], p)}, align 4")
+            b = f(f"bitcast <16 x i32> {f.splat('i32', 16, wq)} to {BF}")
+            for j in range(nj):
+                out.append(f(f"call {Z} @llvm.x86.avx512bf16.dpbf16ps.512({Z} {accs[r * nj + j]}, "
+                             f"{BF} {b}, {BF} {xv[j]})"))
+        return out
+    accs = counted_loop(f, npairs, pair, [(Z, "zeroinitializer")] * (MR * nj), "k")
+    for r in range(MR):
+        f.cbr(f(f"icmp slt i64 {r}, %nr"), f"%st{r}", "%done")
+        f.label(f"st{r}")
+        crow = f.gep("float", "%c", f(f"mul i64 {r}, %ldc"))
+        for j in range(nj):
+            f.put(f"store {Z} {accs[r * nj + j]}, ptr {f.gep('float', crow, LANES * j)}, align 4")
+    f.br("%done")
+    f.label("done")
+    f.put("ret void")
+    return f.end()
+
+
+def tile_export() -> str:
+    f = Fn("define void @dsv4_avx512_bf16_tile(ptr %wb, i64 %K, i64 %nr, ptr %xp, i64 %mpad, "
+           "ptr %c, i64 %ldc, i64 %nj)")
+    cases = " ".join(f"i64 {nj}, label %nj{nj}" for nj in range(1, MAX_NJ))
+    f.put(f"switch i64 %nj, label %nj{MAX_NJ} [ {cases} ]")
+    for nj in range(1, MAX_NJ + 1):
+        f.label(f"nj{nj}")
+        f.put(f"call void @avx512_bf16_tile{nj}(ptr %wb, i64 %K, i64 %nr, ptr %xp, i64 %mpad, ptr %c, i64 %ldc)")
+        f.put("ret void")
+    return f.end()
+
+
+def functions(fp8_tables) -> list[str]:
+    return [_tile(nj) for nj in range(1, MAX_NJ + 1)] + [fp4_bf16_export(), fp8_bf16_export(fp8_tables),
+                                                         tile_export()]
