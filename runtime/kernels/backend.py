@@ -166,7 +166,6 @@ class FastBackend(GemmOps, MoEOps, FusedOps, RefBackend):
             y = self._gemv_rows(x2, w)
         else:
             y = self._gemm_rows(self._pack(x2), [w])
-            y = None if y is None else np.ascontiguousarray(y.T)
         return self._sgemm(x2, w) if y is None else y
 
     def _matmul(self, x: np.ndarray, w, quantize_input: bool = True) -> np.ndarray:

@@ -9,8 +9,9 @@ the float32 FMA rate and needs no float32 copy of the weight: each work unit dec
 weight rows to bf16 (64 KB at K = 4096, cache-resident) and sweeps them over a block of
 packed x (ir_gemm.py). Anything else returns None and the caller uses dequantize + sgemm.
 
-x is packed once per call as bf16 pairs, xp[k / 2, m] (uint32), m padded to 16 lanes; the
-result comes back transposed, C^T [O, m], and is returned as a [M, O] view.
+x is packed once per call as bf16 pairs, xp[k / 2, m] (uint32), m padded to 16 lanes; each
+work unit transposes its small C^T block into the row-major [M, O] output (which may be a
+column range of a wider buffer, e.g. w1 and w3 side by side).
 """
 from __future__ import annotations
 
@@ -29,43 +30,49 @@ X_BLOCK_BYTES = 768 * 1024                      # packed x per work unit (L2-res
 
 @njit(cache=True)
 def pack_x(x, xp) -> bool:
-    """x float32 [M, K] -> xp uint32 [K / 2, mpad] bf16 pairs (lanes >= M zeroed). Returns
-    False when some value is not a zero or a normal number exact in bf16."""
+    """x float32 [M, K] (any strides) -> xp uint32 [K / 2, mpad] bf16 pairs (lanes >= M
+    zeroed). Returns False when some value is not a zero or a normal number exact in bf16."""
     M, K = x.shape
-    ok = True
+    low, expo, mag = np.uint32(0xFFFF), np.uint32(0x7F800000), np.uint32(0x7FFFFFFF)
     for p in range(K // 2):
+        bad = np.uint32(0)
         for m in range(M):
             a = f32_bits(x[m, 2 * p])
             b = f32_bits(x[m, 2 * p + 1])
-            ea = (a & np.uint32(0x7F800000)) != 0 or (a & np.uint32(0x7FFFFFFF)) == 0
-            eb = (b & np.uint32(0x7F800000)) != 0 or (b & np.uint32(0x7FFFFFFF)) == 0
-            ok = ok and ea and eb and (a & np.uint32(0xFFFF)) == 0 and (b & np.uint32(0xFFFF)) == 0
+            # not exact: low half set, or a nonzero value with a zero exponent field
+            bad |= (a & low) | (b & low)
+            bad |= np.uint32((a & expo) == 0 and (a & mag) != 0)
+            bad |= np.uint32((b & expo) == 0 and (b & mag) != 0)
             xp[p, m] = (a >> np.uint32(16)) | (b & np.uint32(0xFFFF0000))
+        if bad:
+            return False
         for m in range(M, xp.shape[1]):
             xp[p, m] = 0
-    return ok
+    return True
 
 
 @functools.cache
 def _driver():
     DIGEST, MR, LANES, MAX_NJ = ir.digest(), ir_gemm.MR, ir_gemm.LANES, ir_gemm.MAX_NJ  # noqa: N806
 
-    def gemm_bf16(fp8, waddr, saddr, O, K, b0, b1, scols, xp, mblk, out, wbuf):
-        """C^T rows [O, mpad] of the MXFP4 (fp8 False) or FP8 (b0 x b1 tile scales, scols
-        per band) matrix at (waddr, saddr) [O, K] times packed x; work units (x block of
-        mblk lanes, 8 weight rows) come from a shared counter; wbuf [threads, 8 * K]
-        uint16: one decoded row block per thread."""
+    def gemm_bf16(fp8, waddr, saddr, O, K, b0, b1, scols, xp, M, mblk, out, wbuf, cbuf):
+        """out [M, O] float32 (rows may be strided) = x times the MXFP4 (fp8 False) or FP8
+        (b0 x b1 tile scales, scols per band) matrix at (waddr, saddr) [O, K], x packed;
+        work units (x block of mblk lanes, 8 weight rows) come from a shared counter. Per
+        thread: wbuf [t] (8 * K uint16) the decoded rows, cbuf [t] (8 * mblk float32) the
+        unit's C^T block, transposed into out at the end of the unit."""
         assert DIGEST != ""
         mpad = xp.shape[1]
         nob = (O + MR - 1) // MR
-        nmb = (mpad + mblk - 1) // mblk
+        nmb = (M + mblk - 1) // mblk
         total = nob * nmb
         nthreads = max(1, min(wbuf.shape[0], total))
         counter = np.zeros(16, np.int64)
-        xa, ca, wa = np.uint64(xp.ctypes.data), np.uint64(out.ctypes.data), np.uint64(wbuf.ctypes.data)
-        wstride = np.uint64(wbuf.strides[0])
+        xa = np.uint64(xp.ctypes.data)
         for t in prange(nthreads):
-            wb = wa + np.uint64(t) * wstride
+            wb = np.uint64(wbuf[t].ctypes.data)
+            ct = cbuf[t]
+            cb = np.uint64(ct.ctypes.data)
             while True:
                 u = fetch_add(counter, 0, 1)
                 if u >= total:
@@ -81,12 +88,16 @@ def _driver():
                     ir.ir_call("avx512", "dsv4_avx512_fp4_bf16",
                                (waddr + np.uint64(o0 * (K // 2)), saddr + np.uint64(o0 * (K // 32)), wb,
                                 np.int64(nr), np.int64(K)))
-                m_end = min(mpad, (mb + 1) * mblk)
-                for m0 in range(mb * mblk, m_end, LANES * MAX_NJ):
+                mlo = mb * mblk
+                m_end = min(mpad, mlo + mblk)
+                for m0 in range(mlo, m_end, LANES * MAX_NJ):
                     nj = min(MAX_NJ, (m_end - m0) // LANES)
                     ir.ir_call("avx512", "dsv4_avx512_bf16_tile",
                                (wb, np.int64(K), np.int64(nr), xa + np.uint64(4 * m0), np.int64(mpad),
-                                ca + np.uint64(4 * (o0 * mpad + m0)), np.int64(mpad), np.int64(nj)))
+                                cb + np.uint64(4 * (m0 - mlo)), np.int64(mblk), np.int64(nj)))
+                for m in range(mlo, min(M, m_end)):
+                    for r in range(nr):
+                        out[m, o0 + r] = ct[r * mblk + m - mlo]
     return njit(cache=True, parallel=True, boundscheck=False)(gemm_bf16)
 
 
@@ -97,19 +108,20 @@ def x_block_lanes(K: int) -> int:
 
 
 class PackedX:
-    """x [M, K] packed once for all the matrices it multiplies (None-able: see pack)."""
+    """x [M, K] packed once for all the matrices it multiplies (see pack)."""
 
     def __init__(self, xp: np.ndarray, M: int):
         self.xp, self.M = xp, M
 
     @classmethod
     def pack(cls, x: np.ndarray) -> "PackedX | None":
+        """None when x (float32 [M, K], any strides) is not exact in bf16 or K is odd."""
         M, K = x.shape
-        if K % 2 or M == 0:
+        if K % 2 or M == 0 or x.dtype != np.float32:
             return None
         mpad = -(-M // ir_gemm.LANES) * ir_gemm.LANES
         xp = np.empty((K // 2, mpad), np.uint32)
-        return cls(xp, M) if pack_x(np.ascontiguousarray(x, dtype=np.float32), xp) else None
+        return cls(xp, M) if pack_x(x, xp) else None
 
 
 def fits(fmt: str, K: int, scale: np.ndarray, block: tuple[int, int]) -> bool:
@@ -124,17 +136,20 @@ def fits(fmt: str, K: int, scale: np.ndarray, block: tuple[int, int]) -> bool:
 
 def gemm_into(px: PackedX, fmt: str, weight: np.ndarray, scale: np.ndarray, out: np.ndarray,
               block: tuple[int, int] = (128, 128)) -> None:
-    """out [O, mpad] float32 (C-contiguous rows, e.g. a row slice of a bigger buffer) =
-    W x^T for an MXFP4 (weight [O, K/2] bytes, scale e8m0 [O, K/32]) or FP8 (weight
-    [O, K] e4m3, scale e8m0 [ceil(O/b0), ceil(K/b1)]) matrix that `fits`."""
+    """out [M, O] float32 (unit column stride, any row stride: e.g. a column range of a
+    bigger buffer) = x W^T for an MXFP4 (weight [O, K/2] bytes, scale e8m0 [O, K/32]) or
+    FP8 (weight [O, K] e4m3, scale e8m0 [ceil(O/b0), ceil(K/b1)]) matrix that `fits`."""
     fp8 = fmt == "fp8"
     O, K = weight.shape[0], weight.shape[1] * (1 if fp8 else 2)
     want = (-(-O // block[0]), -(-K // block[1])) if fp8 else (O, K // 32)
-    if not fits(fmt, K, scale, block) or scale.shape != want or out.shape != (O, px.xp.shape[1]) \
-            or not out.flags.c_contiguous or px.xp.shape[0] != K // 2:
+    if not fits(fmt, K, scale, block) or scale.shape != want or px.xp.shape[0] != K // 2:
         raise ValueError("gemm_into: shapes or scales do not match the kernels")
+    if out.dtype != np.float32 or out.shape != (px.M, O) or out.strides[1] != 4 or out.strides[0] % 4:
+        raise ValueError("gemm_into: out must be float32 [M, O] with contiguous rows")
     w = np.ascontiguousarray(weight).view(np.uint8)
     s = np.ascontiguousarray(scale).view(np.uint8)
-    wbuf = np.empty((numba.config.NUMBA_NUM_THREADS, ir_gemm.MR * K), np.uint16)
+    nthreads, mblk = numba.config.NUMBA_NUM_THREADS, x_block_lanes(K)
+    wbuf = np.empty((nthreads, ir_gemm.MR * K), np.uint16)
+    cbuf = np.empty((nthreads, ir_gemm.MR * mblk), np.float32)
     _driver()(fp8, np.uint64(w.ctypes.data), np.uint64(s.ctypes.data), O, K, block[0], block[1],
-              s.shape[1], px.xp, x_block_lanes(K), out, wbuf)
+              s.shape[1], px.xp, px.M, mblk, out, wbuf, cbuf)

@@ -43,17 +43,20 @@ class GemmOps:
                                     gemm.fits(w.fmt, w.in_features, w.scale, w.block))
         return self._gemm_fits[key]
 
-    def _gemm_rows(self, px: gemm.PackedX | None, weights, check: bool = True) -> np.ndarray | None:
-        """[sum O, M] (a view of C^T rows) = the weights' rows times packed x, or None when
-        a weight is not MXFP4 / FP8 or its scales leave bf16's normal range."""
+    def _gemm_rows(self, px: gemm.PackedX | None, weights, check: bool = True,
+                   out: np.ndarray | None = None) -> np.ndarray | None:
+        """x times each weight, side by side: float32 [M, sum O] (64-byte aligned, or into
+        `out`), or None when a weight is not MXFP4 / FP8 or its scales leave bf16's normal
+        range."""
         if px is None or (check and not all(self._fits(w) for w in weights)):
             return None
-        out = attn.aligned_empty((sum(w.out_features for w in weights), px.xp.shape[1]))
-        r = 0
+        if out is None:
+            out = attn.aligned_empty((px.M, sum(w.out_features for w in weights)))
+        c = 0
         for w in weights:
-            gemm.gemm_into(px, w.fmt, w.weight, w.scale, out[r:r + w.out_features], w.block)
-            r += w.out_features
-        return out[:, :px.M]
+            gemm.gemm_into(px, w.fmt, w.weight, w.scale, out[:, c:c + w.out_features], w.block)
+            c += w.out_features
+        return out
 
     def _grouped_gemm(self, x, w: LinearW, L: int):
         """The bf16 GEMM per group (x[:, g] times rows g*L .. of w), or None where it does
@@ -69,5 +72,5 @@ class GemmOps:
                 return None
             part = LinearW(w.name, w.fmt, w.weight[g * L:(g + 1) * L],
                            w.scale[g * L // b0:(g + 1) * L // b0], L, w.in_features, w.block)
-            out[:, g] = self._gemm_rows(px, [part], check=False).T
+            self._gemm_rows(px, [part], check=False, out=out[:, g])
         return out

@@ -103,9 +103,9 @@ class MoEOps:
         n1 = e.w1.out_features
         if xq.shape[0] <= GEMV_MAX_ROWS or e.w1.in_features != e.w3.in_features:
             return np.concatenate([self._apply(xq, e.w1), self._apply(xq, e.w3)], axis=1)
-        both = self._gemm_rows(self._pack(xq), [e.w1, e.w3])      # [2 * inter, n]
+        both = self._gemm_rows(self._pack(xq), [e.w1, e.w3])      # [n, 2 * inter]
         if both is not None:
-            return both.T
+            return both
         both = self.scratch(n1 + e.w3.out_features, e.w1.in_features)
         dequant_rows(e.w1, 0, n1, both[:n1])
         dequant_rows(e.w3, 0, e.w3.out_features, both[n1:])

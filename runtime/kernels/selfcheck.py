@@ -70,9 +70,9 @@ def check_gemm() -> str | None:
         px = gemm.PackedX.pack(x)
         if px is None:
             return "bf16-exact x rejected by the packing step"
-        out = np.empty((O, px.xp.shape[1]), np.float32)
+        out = np.empty((M, O), np.float32)
         gemm.gemm_into(px, fmt, W, S, out)
-        e = max(worst(out[:, m], Wr, x[m]) for m in range(M))
+        e = max(worst(out[m], Wr, x[m]) for m in range(M))
         if not e <= TOL:
             return f"gemm {fmt} M={M} O={O} K={K}: error {e:.2e} of |W||x| > {TOL}"
     return None
