@@ -57,6 +57,24 @@ def test_gemm_matches_reference(fmt, M, O, K, block, rng, tmp_path):
     assert np.isnan(wide[:, :4]).all() and np.isnan(wide[:, 4 + O:]).all()   # nothing else written
 
 
+@pytest.mark.parametrize("M,K", [(1, 32), (17, 64), (40, 96), (130, 256)])
+def test_vector_pack_equals_plain_pack(M, K, rng):
+    """The IR packing (contiguous rows, K % 32 == 0) against the Numba loop, also on rows
+    that are a strided slice, and the bf16-exactness verdict on every position."""
+    x = _quantized_x(M, K, rng)
+    wide = np.zeros((M, 3, K), np.float32)
+    wide[:, 1] = x
+    for src in (x, wide[:, 1]):
+        px = gemm.PackedX.pack(src)
+        plain = np.empty_like(px.xp)
+        assert gemm.pack_x(np.array(src), plain) and np.array_equal(px.xp, plain)
+    for m, k in ((0, 0), (M - 1, K - 1), (M // 2, K // 3)):
+        for bad in (1 + 2.0 ** -10, 1e-40):
+            y = x.copy()
+            y[m, k] = bad
+            assert gemm.PackedX.pack(y) is None
+
+
 def test_pack_accepts_only_bf16_numbers():
     ok = np.array([[0.0, -0.0, 1.5, -3.0 * 2.0 ** -100, 2.0 ** 100, 448.0]], np.float32)
     assert gemm.PackedX.pack(ok) is not None

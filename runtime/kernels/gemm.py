@@ -52,6 +52,21 @@ def pack_x(x, xp) -> bool:
 
 
 @functools.cache
+def _packer():
+    DIGEST = ir.digest()  # noqa: N806
+
+    def pack_rows(x, xp, bad):
+        """pack_x for x with contiguous rows and K a multiple of 32 (ir_gemm's vector
+        packing, 16 rows x 16 pairs per step); bad[0] != 0 when x is not exact in bf16."""
+        assert DIGEST != ""
+        M, K = x.shape
+        ir.ir_call("avx512", "dsv4_avx512_pack_bf16",
+                   (np.uint64(x.ctypes.data), np.int64(x.strides[0] // 4), np.int64(M), np.int64(K),
+                    np.uint64(xp.ctypes.data), np.int64(xp.shape[1]), np.uint64(bad.ctypes.data)))
+    return njit(cache=True, boundscheck=False)(pack_rows)
+
+
+@functools.cache
 def _driver():
     DIGEST, MR, LANES, MAX_NJ = ir.digest(), ir_gemm.MR, ir_gemm.LANES, ir_gemm.MAX_NJ  # noqa: N806
 
@@ -121,6 +136,10 @@ class PackedX:
             return None
         mpad = -(-M // ir_gemm.LANES) * ir_gemm.LANES
         xp = np.empty((K // 2, mpad), np.uint32)
+        if K % 32 == 0 and x.strides[1] == 4 and x.strides[0] % 4 == 0:
+            bad = np.zeros(1, np.int64)
+            _packer()(x, xp, bad)
+            return None if bad[0] else cls(xp, M)
         return cls(xp, M) if pack_x(x, xp) else None
 
 

@@ -47,6 +47,8 @@ declare i32 @llvm.vector.reduce.umin.v16i32(<16 x i32>)
 declare i32 @llvm.vector.reduce.umax.v16i32(<16 x i32>)
 declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <16 x i32>, <16 x i32>)
 declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
+declare <32 x i32> @llvm.masked.load.v32i32.p0(ptr, i32, <32 x i1>, <32 x i32>)
+declare i32 @llvm.vector.reduce.or.v32i32(<32 x i32>)
 """
 
 

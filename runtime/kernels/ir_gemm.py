@@ -14,6 +14,11 @@ dequantized weights, to accumulation order:
   high bytes of bf16(e4m3), the sign is OR-ed in, bytes are interleaved to words and the
   tile's scale is added to the exponents of the nonzero, non-NaN words (K and b1 multiples
   of 64: the caller checks).
+- `dsv4_avx512_pack_bf16(x, ldx, M, K, xp, mpad, bad)`: x float32 rows (ldx floats apart,
+  K a multiple of 32) -> xp[k/2, m] bf16 pairs, 16 rows x 16 pairs at a time: one word
+  shuffle per row keeps the high halves, a 4-stage interleave transposes the 16 x 16
+  dwords; rows >= M are zero; *bad (i64) gets nonzero bits if a value is not exact in bf16
+  (low half set, or nonzero with a zero exponent field).
 - `dsv4_avx512_bf16_tile(wb, K, nr, xp, mpad, c, ldc, nj)`: a C^T tile of 8 weight rows x
   16*nj token lanes: c[r * ldc + m] = sum_k wb[r, k] x[m, k] with x packed as bf16 pairs
   xp[k/2, m] (uint32, mpad lanes per pair), rows r < nr (the buffer holds 8 rows; rows
@@ -40,7 +45,7 @@ MAX_NJ = 3             # accumulators per row: up to 48 token lanes per tile
 # normal bf16: e2m1 magnitudes 2^-1 .. 6, e4m3 magnitudes 2^-9 .. 448
 SCALE_RANGE = {"fp4": (2, 252), "fp8": (10, 246)}
 PARAMS = {"dsv4_avx512_fp4_bf16": "pppii", "dsv4_avx512_fp8_bf16": "pppiiiiii",
-          "dsv4_avx512_bf16_tile": "piipipii"}
+          "dsv4_avx512_bf16_tile": "piipipii", "dsv4_avx512_pack_bf16": "piiipip"}
 
 def _fp4_tables():
     """vpermb table (index n -> high byte of bf16(e2m1 n), n | 16 -> low byte) and the
@@ -183,6 +188,54 @@ def tile_export() -> str:
     return f.end()
 
 
+def pack_export() -> str:
+    V = "<16 x i32>"
+    f = Fn("define void @dsv4_avx512_pack_bf16(ptr %x, i64 %ldx, i64 %M, i64 %K, ptr %xp, i64 %mpad, ptr %bad)")
+    odd = vec("i32", range(1, 64, 2))
+
+    def inter(a, b, half):
+        idx = [v for i in range(8) for v in (8 * half + i, 16 + 8 * half + i)]
+        return f(f"shufflevector {V} {a}, {V} {b}, <16 x i32> {vec('i32', idx)}")
+
+    def rowblock(f, rb, acc):
+        m0 = f(f"shl i64 {rb}, 4")
+
+        def pairblock(f, qb, acc):
+            k0 = f(f"shl i64 {qb}, 5")
+            rows, bad = [], acc[0]
+            for i in range(16):
+                m = f(f"add i64 {m0}, {i}")
+                ok = f(f"icmp slt i64 {m}, %M")
+                mr = f(f"select i1 {ok}, i64 {m}, i64 0")
+                ptr = f.gep("float", "%x", f(f"add i64 {f(f'mul i64 {mr}, %ldx')}, {k0}"))
+                mask = f.splat("i1", 32, ok)
+                w = f(f"call <32 x i32> @llvm.masked.load.v32i32.p0(ptr {ptr}, i32 4, <32 x i1> {mask}, "
+                      "<32 x i32> zeroinitializer)")
+                lowbits = f(f"and <32 x i32> {w}, {splat('i32', 32, 0xFFFF)}")
+                ex = f(f"and <32 x i32> {w}, {splat('i32', 32, 0x7F800000)}")
+                mg = f(f"and <32 x i32> {w}, {splat('i32', 32, 0x7FFFFFFF)}")
+                zexp = f(f"icmp eq <32 x i32> {ex}, zeroinitializer")
+                nz = f(f"icmp ne <32 x i32> {mg}, zeroinitializer")
+                sub = f(f"zext <32 x i1> {f(f'and <32 x i1> {zexp}, {nz}')} to <32 x i32>")
+                bad = f(f"or <32 x i32> {bad}, {f(f'or <32 x i32> {lowbits}, {sub}')}")
+                w16 = f(f"bitcast <32 x i32> {w} to <64 x i16>")
+                hw = f(f"shufflevector <64 x i16> {w16}, <64 x i16> poison, <32 x i32> {odd}")
+                rows.append(f(f"bitcast <32 x i16> {hw} to {V}"))
+            for _ in range(4):                        # interleave stages: a 16 x 16 transpose
+                rows = [inter(rows[i], rows[i + 8], h) for i in range(8) for h in (0, 1)]
+            for q in range(16):
+                pq = f(f"add i64 {f(f'lshr i64 {k0}, 1')}, {q}")
+                at = f(f"add i64 {f(f'mul i64 {pq}, %mpad')}, {m0}")
+                f.put(f"store {V} {rows[q]}, ptr {f.gep('i32', '%xp', at)}, align 4")
+            return [bad]
+        return counted_loop(f, f("lshr i64 %K, 5"), pairblock, [("<32 x i32>", acc[0])], "q")
+    (bad,) = counted_loop(f, f("lshr i64 %mpad, 4"), rowblock, [("<32 x i32>", "zeroinitializer")], "rb")
+    total = f(f"call i32 @llvm.vector.reduce.or.v32i32(<32 x i32> {bad})")
+    f.put(f"store i64 {f(f'zext i32 {total} to i64')}, ptr %bad, align 8")
+    f.put("ret void")
+    return f.end()
+
+
 def functions(fp8_tables) -> list[str]:
     return [_tile(nj) for nj in range(1, MAX_NJ + 1)] + [fp4_bf16_export(), fp8_bf16_export(fp8_tables),
-                                                         tile_export()]
+                                                         tile_export(), pack_export()]
