@@ -1,19 +1,20 @@
 """AVX-512 BF16 GEMM pieces for prefill (linked into the avx512 IR module; driver: gemm.py).
 
-For activations that are exact in bf16 (e4m3-quantized rows are) and MXFP4 weights, every
-operand of out = x W^T is a bf16 number, so `vdpbf16ps` (32 products per instruction, float32
+For activations that are exact in bf16 (e4m3-quantized rows are) and MXFP4 or FP8 weights,
+every operand of out = x W^T is a bf16 number, so `vdpbf16ps` (32 products per instruction, float32
 accumulation, twice the float32 FMA rate) computes the same sums as a float32 GEMM of the
 dequantized weights, to accumulation order:
 
 - `dsv4_avx512_fp4_bf16(w, s, out, nrows, K)`: nrows MXFP4 rows -> bf16 rows in natural
-  order. vpmultishiftqb puts each nibble in both bytes of its word, vpermb maps it to the
-  two bytes of bf16(e2m1), and the group's e8m0 scale is added to the exponent field of the
-  nonzero words (exact when every scale byte is in 2..252: the caller checks).
+  order, 4 groups (one 64-byte load, 4 scale bytes) per step. vpmultishiftqb puts each
+  nibble in both bytes of its word, vpermb maps it to the two bytes of bf16(e2m1), and the
+  group's e8m0 scale is added to the exponent field of the nonzero words (exact when every
+  scale byte is in 2..252: the caller checks).
 - `dsv4_avx512_fp8_bf16(w, s, out, nrows, K, row0, b0, b1, scols)`: rows row0 .. of an
   FP8 matrix with (b0, b1) tile scales -> bf16 rows: two vpermi2b tables give the low and
   high bytes of bf16(e4m3), the sign is OR-ed in, bytes are interleaved to words and the
-  tile's scale is added to the exponents of the nonzero, non-NaN words (K and b1 multiples
-  of 64: the caller checks).
+  tile's scale (one per tile loop, no division per chunk) is added to the exponents of the
+  nonzero, non-NaN words (K and b1 multiples of 64: the caller checks).
 - `dsv4_avx512_pack_bf16(x, ldx, M, K, xp, mpad, bad)`: x float32 rows (ldx floats apart,
   K a multiple of 32) -> xp[k/2, m] bf16 pairs, 16 rows x 16 pairs at a time: one word
   shuffle per row keeps the high halves, a 4-stage interleave transposes the 16 x 16
@@ -24,7 +25,8 @@ dequantized weights, to accumulation order:
   xp[k/2, m] (uint32, mpad lanes per pair), rows r < nr (the buffer holds 8 rows; rows
   beyond nr are computed on stale data and not stored). The 8 x nj accumulators stay in
   registers for the whole K; per k-pair: nj loads of x, 8 broadcasts of a weight pair,
-  8*nj vdpbf16ps. (Scattering straight into a row-major output was 8% slower: the
+  8*nj vdpbf16ps (for nj = 1 two accumulator sets take alternate pairs, so the loop does
+  not wait on the instruction's latency). (Scattering straight into a row-major output was 8% slower: the
   driver transposes each unit's small C^T block instead.)
 """
 from __future__ import annotations
@@ -47,10 +49,12 @@ SCALE_RANGE = {"fp4": (2, 252), "fp8": (10, 246)}
 PARAMS = {"dsv4_avx512_fp4_bf16": "pppii", "dsv4_avx512_fp8_bf16": "pppiiiiii",
           "dsv4_avx512_bf16_tile": "piipipii", "dsv4_avx512_pack_bf16": "piiipip"}
 
+
 def _fp4_tables():
-    """vpermb table (index n -> high byte of bf16(e2m1 n), n | 16 -> low byte) and the
+    """vpermb table (index n -> high byte of bf16(e2m1 n), n | 16 -> low byte), the
     multishift control that puts, for word i of a 32-group, nibble i & 1 of byte i >> 1
-    in both its bytes (each qword of the shuffled input holds source bytes 2q and 2q + 1)."""
+    in both its bytes (each qword of the shuffled input holds source bytes 2q and 2q + 1),
+    the low-byte index bit pattern, and the byte spread (a list: output byte -> group byte)."""
     bits = bf16_bits(E2M1_VALUES)
     tbl = np.zeros(64, np.int64)
     tbl[:16] = bits >> 8
@@ -61,7 +65,7 @@ def _fp4_tables():
             ctrl += [8 * (word >> 1) + 4 * (word & 1)] * 2
     ix_or = [16, 0] * 32                                  # low byte first (little-endian)
     spread = [2 * (t // 8) + (t % 2) for t in range(64)]  # qword q <- bytes 2q, 2q + 1
-    return vec("i8", i8s(tbl)), vec("i8", ctrl), vec("i8", ix_or), vec("i32", spread)
+    return vec("i8", i8s(tbl)), vec("i8", ctrl), vec("i8", ix_or), spread
 
 
 def fp4_bf16_export() -> str:
@@ -69,39 +73,65 @@ def fp4_bf16_export() -> str:
     f = Fn("define void @dsv4_avx512_fp4_bf16(ptr %w, ptr %s, ptr %out, i64 %nrows, i64 %K)")
     ng = f("lshr i64 %K, 5")
 
+    def decode(f, src, i, d):
+        """Group i of the 64 bytes in src -> 32 bf16 words times 2^(s-127) (d: the
+        exponent step, splat)."""
+        idx = vec("i32", [16 * i + v for v in spread])
+        p = f(f"shufflevector <64 x i8> {src}, <64 x i8> poison, <64 x i32> {idx}")
+        t = f(f"call <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8> {ctrl}, <64 x i8> {p})")
+        t = f(f"and <64 x i8> {t}, {splat('i8', 64, 15)}")
+        t = f(f"or <64 x i8> {t}, {ix_or}")
+        wv = f(f"call <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8> {tbl}, <64 x i8> {t})")
+        return _add_scale(f, f(f"bitcast <64 x i8> {wv} to {W16}"), d, finite=True)
+
+    def steps(f, sb, n):
+        """n e8m0 bytes at sb -> <n x i16> exponent steps (s - 127) << 7."""
+        b = f(f"zext <{n} x i8> {f(f'load <{n} x i8>, ptr {sb}, align 1')} to <{n} x i16>")
+        e = f(f"sub <{n} x i16> {b}, {splat('i16', n, 127)}")
+        return f(f"shl <{n} x i16> {e}, {splat('i16', n, 7)}")
+
     def row(f, r, _):
         wr = f.gep("i8", "%w", f(f"mul i64 {r}, {f('lshr i64 %K, 1')}"))
         sr = f.gep("i8", "%s", f(f"mul i64 {r}, {ng}"))
         orow = f.gep("i16", "%out", f(f"mul i64 {r}, %K"))
 
-        def group(f, g, _):
-            h = f(f"load <16 x i8>, ptr {f.gep('i8', wr, f(f'shl i64 {g}, 4'))}, align 1")
-            p = f(f"shufflevector <16 x i8> {h}, <16 x i8> poison, <64 x i32> {spread}")
-            t = f(f"call <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8> {ctrl}, <64 x i8> {p})")
-            t = f(f"and <64 x i8> {t}, {splat('i8', 64, 15)}")
-            t = f(f"or <64 x i8> {t}, {ix_or}")
-            wv = f(f"call <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8> {tbl}, <64 x i8> {t})")
-            wv = f(f"bitcast <64 x i8> {wv} to {W16}")
-            sp = f.gep("i8", sr, g)
-            wv = _add_scale(f, wv, f(f"load i8, ptr {sp}, align 1"))
-            f.put(f"store {W16} {wv}, ptr {f.gep('i16', orow, f(f'shl i64 {g}, 5'))}, align 2")
+        def quad(f, q, _):                            # 4 groups: one 64-byte load
+            g0 = f(f"shl i64 {q}, 2")
+            src = f(f"load <64 x i8>, ptr {f.gep('i8', wr, f(f'shl i64 {g0}, 4'))}, align 1")
+            d4 = steps(f, f.gep("i8", sr, g0), 4)
+            for i in range(4):
+                d = f(f"shufflevector <4 x i16> {d4}, <4 x i16> poison, <32 x i32> {splat('i32', 32, i)}")
+                wv = decode(f, src, i, d)
+                at = f(f"shl i64 {f(f'add i64 {g0}, {i}')}, 5")
+                f.put(f"store {W16} {wv}, ptr {f.gep('i16', orow, at)}, align 2")
             return []
-        counted_loop(f, ng, group, [], "g")
+        nq = f(f"lshr i64 {ng}, 2")
+        counted_loop(f, nq, quad, [], "q")
+
+        def group(f, j, _):                           # the last 0-3 groups
+            g = f(f"add i64 {f(f'shl i64 {nq}, 2')}, {j}")
+            h = f(f"load <16 x i8>, ptr {f.gep('i8', wr, f(f'shl i64 {g}, 4'))}, align 1")
+            src = f(f"shufflevector <16 x i8> {h}, <16 x i8> poison, <64 x i32> {vec('i32', list(range(16)) * 4)}")
+            d1 = steps(f, f.gep("i8", sr, g), 1)
+            d = f(f"shufflevector <1 x i16> {d1}, <1 x i16> poison, <32 x i32> zeroinitializer")
+            f.put(f"store {W16} {decode(f, src, 0, d)}, ptr {f.gep('i16', orow, f(f'shl i64 {g}, 5'))}, align 2")
+            return []
+        counted_loop(f, f(f"and i64 {ng}, 3"), group, [], "g")
         return []
     counted_loop(f, "%nrows", row, [], "r")
     f.put("ret void")
     return f.end()
 
 
-def _add_scale(f: Fn, wv: str, sbyte: str) -> str:
-    """wv (32 bf16 words) times 2^(s - 127): s - 127 added to the exponent field of every
-    nonzero finite word (the caller guarantees the results stay normal)."""
-    sb = f(f"zext i8 {sbyte} to i16")
-    d = f.splat("i16", 32, f(f"shl i16 {f(f'sub i16 {sb}, 127')}, 7"))
+def _add_scale(f: Fn, wv: str, d: str, finite: bool) -> str:
+    """wv (32 bf16 words) times 2^(s - 127), d = splat((s - 127) << 7): d added to the
+    exponent field of every nonzero word (and only finite ones unless `finite`, i.e. the
+    format has no Inf/NaN codes); the caller guarantees the results stay normal."""
     mag = f(f"and {W16} {wv}, {splat('i16', 32, 0x7FFF)}")
-    nz = f(f"icmp ne {W16} {mag}, zeroinitializer")
-    fin = f(f"icmp ult {W16} {mag}, {splat('i16', 32, 0x7F80)}")
-    ok = f(f"and <32 x i1> {nz}, {fin}")
+    ok = f(f"icmp ne {W16} {mag}, zeroinitializer")
+    if not finite:
+        fin = f(f"icmp ult {W16} {mag}, {splat('i16', 32, 0x7F80)}")
+        ok = f(f"and <32 x i1> {ok}, {fin}")
     return f(f"select <32 x i1> {ok}, {W16} {f(f'add {W16} {wv}, {d}')}, {W16} {wv}")
 
 
@@ -111,7 +141,7 @@ def fp8_bf16_export(tabs) -> str:
     tl0, tl1, th0, th1 = tabs
     f = Fn("define void @dsv4_avx512_fp8_bf16(ptr %w, ptr %s, ptr %out, i64 %nrows, i64 %K, i64 %row0, "
            "i64 %b0, i64 %b1, i64 %scols)")
-    nch = f("lshr i64 %K, 6")
+    ntiles = f("udiv i64 " + f("add i64 %K, " + f("sub i64 %b1, 1")) + ", %b1")
     lo_idx = vec("i32", [i + 64 * h for i in range(32) for h in (0, 1)])
     hi_idx = vec("i32", [32 + i + 64 * h for i in range(32) for h in (0, 1)])
 
@@ -121,22 +151,30 @@ def fp8_bf16_export(tabs) -> str:
         wr = f.gep("i8", "%w", f(f"mul i64 {r}, %K"))
         orow = f.gep("i16", "%out", f(f"mul i64 {r}, %K"))
 
-        def chunk(f, c, _):
-            k0 = f(f"shl i64 {c}, 6")
-            code = f(f"load <64 x i8>, ptr {f.gep('i8', wr, k0)}, align 1")
-            lo = f(f"call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {tl0}, <64 x i8> {code}, <64 x i8> {tl1})")
-            hi = f(f"call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {th0}, <64 x i8> {code}, <64 x i8> {th1})")
-            sign = f(f"and <64 x i8> {code}, {splat('i8', 64, -128)}")
-            hi = f(f"or <64 x i8> {hi}, {sign}")
-            sp = f.gep("i8", sr, f(f"udiv i64 {k0}, %b1"))
-            sbyte = f(f"load i8, ptr {sp}, align 1")
-            for half, idx in enumerate((lo_idx, hi_idx)):
-                wv = f(f"shufflevector <64 x i8> {lo}, <64 x i8> {hi}, <64 x i32> {idx}")
-                wv = f(f"bitcast <64 x i8> {wv} to {W16}")
-                wv = _add_scale(f, wv, sbyte)
-                f.put(f"store {W16} {wv}, ptr {f.gep('i16', orow, f(f'add i64 {k0}, {32 * half}'))}, align 2")
+        def tile(f, t, _):                            # one scale per tile: no division per chunk
+            t0 = f(f"mul i64 {t}, %b1")
+            left = f(f"sub i64 %K, {t0}")
+            short = f(f"icmp slt i64 {left}, %b1")
+            n = f(f"lshr i64 {f(f'select i1 {short}, i64 {left}, i64 %b1')}, 6")
+            sp = f.gep("i8", sr, t)
+            sb = f(f"zext i8 {f(f'load i8, ptr {sp}, align 1')} to i16")
+            d = f.splat("i16", 32, f(f"shl i16 {f(f'sub i16 {sb}, 127')}, 7"))
+
+            def chunk(f, c, _):
+                k0 = f(f"add i64 {t0}, {f(f'shl i64 {c}, 6')}")
+                code = f(f"load <64 x i8>, ptr {f.gep('i8', wr, k0)}, align 1")
+                lo = f(f"call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {tl0}, <64 x i8> {code}, <64 x i8> {tl1})")
+                hi = f(f"call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> {th0}, <64 x i8> {code}, <64 x i8> {th1})")
+                sign = f(f"and <64 x i8> {code}, {splat('i8', 64, -128)}")
+                hi = f(f"or <64 x i8> {hi}, {sign}")
+                for half, idx in enumerate((lo_idx, hi_idx)):
+                    wv = f(f"shufflevector <64 x i8> {lo}, <64 x i8> {hi}, <64 x i32> {idx}")
+                    wv = _add_scale(f, f(f"bitcast <64 x i8> {wv} to {W16}"), d, finite=False)
+                    f.put(f"store {W16} {wv}, ptr {f.gep('i16', orow, f(f'add i64 {k0}, {32 * half}'))}, align 2")
+                return []
+            counted_loop(f, n, chunk, [], "c")
             return []
-        counted_loop(f, nch, chunk, [], "c")
+        counted_loop(f, ntiles, tile, [], "t")
         return []
     counted_loop(f, "%nrows", row, [], "r")
     f.put("ret void")
@@ -149,20 +187,28 @@ def _tile(nj: int) -> str:
     # rows r >= nr hold whatever the buffer held (finite or not); they are computed (a
     # uniform stride keeps the row addresses in few registers) but never stored
     rows = [f.gep("i16", "%wb", f(f"mul i64 {r}, %K")) for r in range(MR)]
-    npairs = f("lshr i64 %K, 1")
+    # one token block (nj = 1) gives each accumulator one vdpbf16ps per pair, so the loop
+    # would wait on its latency: then two pairs per step into two accumulator sets (K is a
+    # multiple of 4 for both formats), summed at the end
+    sets = 2 if nj == 1 else 1
+    nsteps = f(f"lshr i64 %K, {sets}")
 
-    def pair(f, p, accs):
-        xrow = f.gep("i32", "%xp", f(f"mul i64 {p}, %mpad"))
-        xv = [f(f"load {BF}, ptr {f.gep('i32', xrow, LANES * j)}, align 4") for j in range(nj)]
-        out = []
-        for r in range(MR):
-            wq = f(f"load i32, ptr {f.gep('i32', rows[r], p)}, align 4")
-            b = f(f"bitcast <16 x i32> {f.splat('i32', 16, wq)} to {BF}")
-            for j in range(nj):
-                out.append(f(f"call {Z} @llvm.x86.avx512bf16.dpbf16ps.512({Z} {accs[r * nj + j]}, "
-                             f"{BF} {b}, {BF} {xv[j]})"))
+    def step(f, i, accs):
+        out = list(accs)
+        for h in range(sets):
+            p = f(f"add i64 {f(f'mul i64 {i}, {sets}')}, {h}")
+            xrow = f.gep("i32", "%xp", f(f"mul i64 {p}, %mpad"))
+            xv = [f(f"load {BF}, ptr {f.gep('i32', xrow, LANES * j)}, align 4") for j in range(nj)]
+            for r in range(MR):
+                wq = f(f"load i32, ptr {f.gep('i32', rows[r], p)}, align 4")
+                b = f(f"bitcast <16 x i32> {f.splat('i32', 16, wq)} to {BF}")
+                for j in range(nj):
+                    a = (h * MR + r) * nj + j
+                    out[a] = f(f"call {Z} @llvm.x86.avx512bf16.dpbf16ps.512({Z} {out[a]}, {BF} {b}, {BF} {xv[j]})")
         return out
-    accs = counted_loop(f, npairs, pair, [(Z, "zeroinitializer")] * (MR * nj), "k")
+    accs = counted_loop(f, nsteps, step, [(Z, "zeroinitializer")] * (sets * MR * nj), "k")
+    if sets == 2:
+        accs = [f(f"fadd {Z} {accs[a]}, {accs[MR * nj + a]}") for a in range(MR * nj)]
     for r in range(MR):
         f.cbr(f(f"icmp slt i64 {r}, %nr"), f"%st{r}", "%done")
         f.label(f"st{r}")
