@@ -143,10 +143,16 @@ class PackedX:
         return cls(xp, M) if pack_x(x, xp) else None
 
 
+def _layout_ok(fmt: str, K: int, block: tuple[int, int]) -> bool:
+    """MXFP4, or FP8 with K and b1 multiples of 64."""
+    return fmt in ir_gemm.SCALE_RANGE and not (fmt == "fp8" and (K % 64 or block[1] % 64))
+
+
 def fits(fmt: str, K: int, scale: np.ndarray, block: tuple[int, int]) -> bool:
     """The kernels take this matrix: MXFP4 or FP8 (K and b1 multiples of 64) with every
-    e8m0 byte keeping the decoded weights normal bf16 numbers."""
-    if fmt not in ir_gemm.SCALE_RANGE or (fmt == "fp8" and (K % 64 or block[1] % 64)):
+    e8m0 byte keeping the decoded weights normal bf16 numbers (a scan of the scales: the
+    backend checks once per weight)."""
+    if not _layout_ok(fmt, K, block):
         return False
     lo, hi = ir_gemm.SCALE_RANGE[fmt]
     s = scale.view(np.uint8)
@@ -157,12 +163,13 @@ def gemm_into(px: PackedX, fmt: str, weight: np.ndarray, scale: np.ndarray, out:
               block: tuple[int, int] = (128, 128)) -> None:
     """out [M, O] float32 (unit column stride, any row stride: e.g. a column range of a
     bigger buffer) = x W^T for an MXFP4 (weight [O, K/2] bytes, scale e8m0 [O, K/32]) or
-    FP8 (weight [O, K] e4m3, scale e8m0 [ceil(O/b0), ceil(K/b1)]) matrix that `fits`."""
+    FP8 (weight [O, K] e4m3, scale e8m0 [ceil(O/b0), ceil(K/b1)]) matrix that `fits` (the
+    scale range is the caller's check, made once per weight; shapes are checked here)."""
     fp8 = fmt == "fp8"
     O, K = weight.shape[0], weight.shape[1] * (1 if fp8 else 2)
     want = (-(-O // block[0]), -(-K // block[1])) if fp8 else (O, K // 32)
-    if not fits(fmt, K, scale, block) or scale.shape != want or px.xp.shape[0] != K // 2:
-        raise ValueError("gemm_into: shapes or scales do not match the kernels")
+    if not _layout_ok(fmt, K, block) or scale.shape != want or px.xp.shape[0] != K // 2:
+        raise ValueError("gemm_into: shapes or layout do not match the kernels")
     if out.dtype != np.float32 or out.shape != (px.M, O) or out.strides[1] != 4 or out.strides[0] % 4:
         raise ValueError("gemm_into: out must be float32 [M, O] with contiguous rows")
     w = np.ascontiguousarray(weight).view(np.uint8)

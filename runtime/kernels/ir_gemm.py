@@ -84,12 +84,6 @@ def fp4_bf16_export() -> str:
         wv = f(f"call <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8> {tbl}, <64 x i8> {t})")
         return _add_scale(f, f(f"bitcast <64 x i8> {wv} to {W16}"), d, finite=True)
 
-    def steps(f, sb, n):
-        """n e8m0 bytes at sb -> <n x i16> exponent steps (s - 127) << 7."""
-        b = f(f"zext <{n} x i8> {f(f'load <{n} x i8>, ptr {sb}, align 1')} to <{n} x i16>")
-        e = f(f"sub <{n} x i16> {b}, {splat('i16', n, 127)}")
-        return f(f"shl <{n} x i16> {e}, {splat('i16', n, 7)}")
-
     def row(f, r, _):
         wr = f.gep("i8", "%w", f(f"mul i64 {r}, {f('lshr i64 %K, 1')}"))
         sr = f.gep("i8", "%s", f(f"mul i64 {r}, {ng}"))
@@ -98,7 +92,7 @@ def fp4_bf16_export() -> str:
         def quad(f, q, _):                            # 4 groups: one 64-byte load
             g0 = f(f"shl i64 {q}, 2")
             src = f(f"load <64 x i8>, ptr {f.gep('i8', wr, f(f'shl i64 {g0}, 4'))}, align 1")
-            d4 = steps(f, f.gep("i8", sr, g0), 4)
+            d4 = _exponent_steps(f, f.gep("i8", sr, g0), 4)
             for i in range(4):
                 d = f(f"shufflevector <4 x i16> {d4}, <4 x i16> poison, <32 x i32> {splat('i32', 32, i)}")
                 wv = decode(f, src, i, d)
@@ -112,8 +106,7 @@ def fp4_bf16_export() -> str:
             g = f(f"add i64 {f(f'shl i64 {nq}, 2')}, {j}")
             h = f(f"load <16 x i8>, ptr {f.gep('i8', wr, f(f'shl i64 {g}, 4'))}, align 1")
             src = f(f"shufflevector <16 x i8> {h}, <16 x i8> poison, <64 x i32> {vec('i32', list(range(16)) * 4)}")
-            d1 = steps(f, f.gep("i8", sr, g), 1)
-            d = f(f"shufflevector <1 x i16> {d1}, <1 x i16> poison, <32 x i32> zeroinitializer")
+            d = _splat1(f, _exponent_steps(f, f.gep("i8", sr, g), 1))
             f.put(f"store {W16} {decode(f, src, 0, d)}, ptr {f.gep('i16', orow, f(f'shl i64 {g}, 5'))}, align 2")
             return []
         counted_loop(f, f(f"and i64 {ng}, 3"), group, [], "g")
@@ -121,6 +114,18 @@ def fp4_bf16_export() -> str:
     counted_loop(f, "%nrows", row, [], "r")
     f.put("ret void")
     return f.end()
+
+
+def _exponent_steps(f: Fn, sb: str, n: int) -> str:
+    """n e8m0 bytes at sb -> <n x i16> exponent steps (s - 127) << 7."""
+    b = f(f"zext <{n} x i8> {f(f'load <{n} x i8>, ptr {sb}, align 1')} to <{n} x i16>")
+    e = f(f"sub <{n} x i16> {b}, {splat('i16', n, 127)}")
+    return f(f"shl <{n} x i16> {e}, {splat('i16', n, 7)}")
+
+
+def _splat1(f: Fn, d1: str) -> str:
+    """<1 x i16> -> the same step in all 32 words."""
+    return f(f"shufflevector <1 x i16> {d1}, <1 x i16> poison, <32 x i32> zeroinitializer")
 
 
 def _add_scale(f: Fn, wv: str, d: str, finite: bool) -> str:
@@ -156,9 +161,7 @@ def fp8_bf16_export(tabs) -> str:
             left = f(f"sub i64 %K, {t0}")
             short = f(f"icmp slt i64 {left}, %b1")
             n = f(f"lshr i64 {f(f'select i1 {short}, i64 {left}, i64 %b1')}, 6")
-            sp = f.gep("i8", sr, t)
-            sb = f(f"zext i8 {f(f'load i8, ptr {sp}, align 1')} to i16")
-            d = f.splat("i16", 32, f(f"shl i16 {f(f'sub i16 {sb}, 127')}, 7"))
+            d = _splat1(f, _exponent_steps(f, f.gep("i8", sr, t), 1))
 
             def chunk(f, c, _):
                 k0 = f(f"add i64 {t0}, {f(f'shl i64 {c}, 6')}")
