@@ -12,6 +12,7 @@ import numpy as np
 from dsv4.quant.blocks import act_quant_values
 
 from . import hc
+from .attention.attention import attend
 from .linear import LinearW, as_f32
 from .nn import F32, hadamard_rotate, matmul_t, rms_scale, rmsnorm, silu
 from .numerics import Numerics
@@ -100,6 +101,11 @@ class RefBackend:
         return np.concatenate(out, axis=-1) if len(out) > 1 else out[0]
 
     # ------------------------------------------------------------ attention
+    def attend(self, cfg, layer: int, w, lc, p0: int, qs: list, proj: list, rope: Rope) -> np.ndarray:
+        """Attention of one layer between its matmuls (attention.attend: projections in,
+        o [S, H, D] out, the layer cache advanced)."""
+        return attend(cfg, layer, w, lc, p0, qs, proj, rope, self)
+
     def sparse_attn(self, q: np.ndarray, kv: np.ndarray, idx: np.ndarray, sink: np.ndarray,
                     scale: float) -> np.ndarray:
         """q [S, H, D], kv [T, D] (keys = values), idx [S, K] rows of kv (-1 = none),

@@ -69,3 +69,54 @@ def test_compiled_moe_step_matches_python_path(tiny_dir, revision, monkeypatch):
     assert np.array_equal(logits[False].view(np.uint32), logits[True].view(np.uint32))
     if fast.be.k.variant in ("avx512", "avx2"):
         assert ran and all(ran)                           # every decode step took the compiled path
+
+
+def _cache_arrays(cache):
+    """Every array of a KV cache's state, in a fixed order (stores, compressor states)."""
+    out = []
+    for lc in cache.layers:
+        for part in (lc.ring, lc.comp, lc.index_keys, lc.comp_state, lc.index_state):
+            if part is not None:
+                out += [v for v in vars(part).values() if isinstance(v, np.ndarray)]
+        out.append(np.array([lc.n_comp]))
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "odd_dir"])
+@pytest.mark.parametrize("revision", ["current", "initial"])
+def test_compiled_attention_step_matches_python_path(request, which, revision, monkeypatch):
+    """Decode attention as one compiled call (attn_step.py) gives bit-identical logits and
+    cache state to the sequence of fast operations, past HCA entries (128 tokens) and the
+    window ring's wrap, with multi-token chunks in between; it runs for the default
+    numerics and is skipped for the initial revision's bf16 KV."""
+    from dsv4.runtime.kernels import attn_ops
+    folder = request.getfixturevalue(which)
+    num = Numerics.from_revision(revision)
+    calls = []
+    orig = attn_ops.attn_step.attend_one
+
+    def spy(*a):
+        calls.append(a[2])
+        return orig(*a)
+    monkeypatch.setattr(attn_ops.attn_step, "attend_one", spy)
+    sizes = [5] + [1] * 120 + [7] + [1] * 140 + [3, 1, 1]
+    results = {}
+    for compiled in (False, True):
+        model = Model.load(folder, num, backend="fast")
+        model.be.compiled_attention = compiled
+        ids = np.random.default_rng(11).integers(0, model.cfg.vocab_size, sum(sizes))
+        cache = model.new_cache(len(ids))
+        out, p = [], 0
+        for n in sizes:
+            out.append(model.forward(ids[p:p + n], cache))
+            p += n
+        results[compiled] = (np.concatenate(out), _cache_arrays(cache))
+    (a, sa), (b, sb) = results[False], results[True]
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert len(sa) == len(sb) and all(np.array_equal(x, y) for x, y in zip(sa, sb))
+    if revision == "initial":
+        assert not calls
+    else:
+        steps = sum(1 for n in sizes if n == 1)
+        assert len(calls) == steps * model.cfg.n_layers
+        assert set(calls) == {0, 4, 128}                   # every layer kind ran compiled

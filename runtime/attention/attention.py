@@ -5,6 +5,10 @@ the window tokens max(0, p-w+1) .. p, plus compressed entries (m = 128: all visi
 m = 4: the indexer's choice). The sink adds exp(sink_h) to each head's denominator. The
 output's rope dims are rotated back by the query position, then the grouped low-rank
 projection wo_a (bf16, no activation quantization) and wo_b (FP8).
+
+`attention` does the matmuls and hands the part between them to the backend's `attend`,
+whose reference is `attend` below (the fast backend runs a decode step compiled in one
+piece, kernels/attn_step.py).
 """
 from __future__ import annotations
 
@@ -28,14 +32,16 @@ def projections(w: AttnW) -> list:
     return ws
 
 
-def query(cfg: ModelConfig, w: AttnW, xq_a: np.ndarray, pos: np.ndarray, rope: Rope,
-          be) -> tuple[np.ndarray, np.ndarray]:
-    """x wq_a^T [S, Lq] -> (q [S, H, D] normalised per head and rotated, qr [S, Lq])."""
-    S = xq_a.shape[0]
-    qr = be.rmsnorm(xq_a, w.q_norm, cfg.norm_eps, round_input=True)                 # [S, Lq]
-    q = be.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.n_heads, cfg.head_dim)       # [S, H, D]
+def query_weights(w: AttnW) -> list:
+    """The weights applied to the query latent qr: wq_b, and the indexer's wq_b."""
+    return [w.wq_b] + ([w.indexer.wq_b] if w.indexer is not None else [])
+
+
+def query(cfg: ModelConfig, xq: np.ndarray, pos: np.ndarray, rope: Rope, be) -> np.ndarray:
+    """qr wq_b^T [S, H*D] -> q [S, H, D] normalised per head and rotated."""
+    q = be.bf16(xq).reshape(xq.shape[0], cfg.n_heads, cfg.head_dim)                # [S, H, D]
     q = be.head_norm(q, cfg.norm_eps)
-    return be.rope(q, pos, rope), qr
+    return be.rope(q, pos, rope)
 
 
 def window_kv(cfg: ModelConfig, w: AttnW, xkv: np.ndarray, pos: np.ndarray, rope: Rope,
@@ -69,10 +75,25 @@ def window_index(pos: np.ndarray, base: int, window: int) -> np.ndarray:
 def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc: LayerCache,
               rope: Rope, be) -> np.ndarray:
     """x [S, d] (bf16 values) -> attention output [S, d]; advances the layer cache."""
-    S, m, win = x.shape[0], cfg.ratio(layer), cfg.window
+    S = x.shape[0]
+    proj = be.project(x, projections(w))   # all matmuls of x, batched per format
+    qr = be.rmsnorm(proj[0], w.q_norm, cfg.norm_eps, round_input=True)            # [S, Lq]
+    qs = be.project(qr, query_weights(w))                    # [S, H*D] (+ indexer [S, Ih*Id])
+    o = be.attend(cfg, layer, w, lc, p0, qs, proj[1:], rope)                      # [S, H, D]
+    og = o.reshape(S, cfg.o_groups, -1)                               # [S, G, H*D/G]
+    z = be.bf16(be.grouped_linear(og, w.wo_a).reshape(S, -1))         # [S, G*Lo]
+    return be.bf16(be.linear(z, w.wo_b))                             # [S, d]
+
+
+def attend(cfg: ModelConfig, layer: int, w: AttnW, lc: LayerCache, p0: int, qs: list,
+           proj: list, rope: Rope, be) -> np.ndarray:
+    """The attention between the matmuls: qs = [qr wq_b^T (, qr indexer.wq_b^T)], proj = the
+    products of x after wq_a (wkv, compressor, indexer; see `projections`) -> o [S, H, D],
+    bf16 values with the rope dims rotated back; advances the layer cache."""
+    S, m, win = qs[0].shape[0], cfg.ratio(layer), cfg.window
     pos = np.arange(p0, p0 + S)
-    proj = iter(be.project(x, projections(w)))     # all matmuls of x, batched per format
-    q, qr = query(cfg, w, next(proj), pos, rope, be)                   # [S, H, D], [S, Lq]
+    proj = iter(proj)
+    q = query(cfg, qs[0], pos, rope, be)                               # [S, H, D]
     kv = window_kv(cfg, w, next(proj), pos, rope, be)                  # [S, D]
     comp_ug = (next(proj), next(proj)) if m > 0 else None              # [S, c*D] each
 
@@ -85,7 +106,7 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
         sel = None
         if w.indexer is not None:
             wp, iu, ig = next(proj), next(proj), next(proj)
-            sel = indexer_select(cfg, w.indexer, lc, qr, wp, iu, ig, p0, rope, be)   # [S, k]
+            sel = indexer_select(cfg, w.indexer, lc, qs[1], wp, iu, ig, p0, rope, be)  # [S, k]
         update_compressed(cfg, w, lc, *comp_ug, p0, rope, be)
         if sel is None:                                                # HCA: all visible
             t = np.arange((p0 + S) // m)[None, :]
@@ -99,8 +120,4 @@ def attention(cfg: ModelConfig, layer: int, w: AttnW, x: np.ndarray, p0: int, lc
     be.write_kv(lc.ring, tail % win, kv[-tail.size:])
 
     o = be.sparse_attn(q, np.concatenate(keys), idx, w.sink, cfg.head_dim ** -0.5)
-    o = be.rope(be.bf16(o), pos, rope, inverse=True)                 # [S, H, D]
-
-    og = o.reshape(S, cfg.o_groups, -1)                               # [S, G, H*D/G]
-    z = be.bf16(be.grouped_linear(og, w.wo_a).reshape(S, -1))         # [S, G*Lo]
-    return be.bf16(be.linear(z, w.wo_b))                             # [S, d]
+    return be.rope(be.bf16(o), pos, rope, inverse=True)                # [S, H, D]

@@ -16,11 +16,11 @@ from ..rope import Rope
 from . import compressor
 
 
-def index_queries(cfg: ModelConfig, w: IndexerW, qr: np.ndarray, positions: np.ndarray,
-                  rope: Rope, be) -> np.ndarray:
-    """qr [S, Lq] -> indexer queries [S, Ih, Id] (rotated, FP4-rounded)."""
-    S = qr.shape[0]
-    qi = be.bf16(be.linear(qr, w.wq_b)).reshape(S, cfg.index_n_heads, cfg.index_head_dim)
+def index_queries(cfg: ModelConfig, xqi: np.ndarray, positions: np.ndarray, rope: Rope,
+                  be) -> np.ndarray:
+    """qr wq_b^T [S, Ih*Id] (qr: the query latent) -> indexer queries [S, Ih, Id] (rotated,
+    FP4-rounded)."""
+    qi = be.bf16(xqi).reshape(xqi.shape[0], cfg.index_n_heads, cfg.index_head_dim)
     qi = be.hadamard(be.rope(qi, positions, rope))
     return be.fp4(qi, INDEX_FP4_BLOCK)
 
@@ -57,14 +57,15 @@ def select(scores: np.ndarray, positions: np.ndarray, ratio: int, topk: int) -> 
     return np.where(rank < n_vis[:, None], idx, -1)
 
 
-def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, qr: np.ndarray,
+def indexer_select(cfg: ModelConfig, w: IndexerW, lc: LayerCache, xqi: np.ndarray,
                    xw: np.ndarray, u: np.ndarray, g: np.ndarray, p0: int, rope: Rope,
                    be) -> np.ndarray:
     """Advance the indexer keys by the chunk, then pick each query's compressed entries.
-    qr: the query latent; xw, u, g: x times weights_proj, compressor wkv and wgate."""
-    S = qr.shape[0]
+    xqi: the query latent times wq_b; xw, u, g: x times weights_proj, compressor wkv and
+    wgate."""
+    S = xqi.shape[0]
     positions = np.arange(p0, p0 + S)
-    qi = index_queries(cfg, w, qr, positions, rope, be)                        # [S, Ih, Id]
+    qi = index_queries(cfg, xqi, positions, rope, be)                          # [S, Ih, Id]
     update_keys(cfg, w, lc, u, g, p0, rope, be)
     T = (p0 + S) // 4
     if T == 0:

@@ -17,6 +17,7 @@ from ..nn import F32
 from ..numerics import Numerics
 from . import attn, gemv
 from .actq import act_quant_values
+from .attn_ops import AttnOps
 from .dequant import dequant_rows
 from .fused_ops import FusedOps
 from .gemm_ops import GemmOps
@@ -51,7 +52,7 @@ def _job_plan(where, tables, weights, xrows):
     return segments, start, a
 
 
-class FastBackend(GemmOps, MoEOps, FusedOps, RefBackend):
+class FastBackend(AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
     name = "fast"
 
     def __init__(self, num: Numerics):
@@ -66,6 +67,7 @@ class FastBackend(GemmOps, MoEOps, FusedOps, RefBackend):
         self._moe_layouts: dict = {}                    # (plan, rows, k, ...) -> _MoELayout
         self._job_plans: dict = {}                      # (weight keys, rows) -> job layout
         self.compiled_moe = True                        # decode MoE via moe_step.py
+        self.compiled_attention = True                  # decode attention via attn_step.py
         self.bf16_gemm = self.k.variant == "avx512"     # prefill fp4/fp8 GEMMs via gemm.py
         self._gemm_fits: dict[int, bool] = {}           # weight_key -> scales fit bf16
         self._gemm_checked = False                      # selfcheck.check_gemm ran

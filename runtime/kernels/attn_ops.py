@@ -1,0 +1,129 @@
+"""The fast backend's `attend`: one token's attention in one compiled call (attn_step.py)
+where it applies, else the reference's sequence of (fast) operations. A mixin.
+
+The compiled step covers decode (S = 1) in the model's default numerics with the KV stores
+of kv_cache.py (Fp8KVStore window ring and compressed KV, Fp4KeyStore indexer keys). Exact
+mode, the initial revision (bf16 KV) and chunks of several tokens take the reference path.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ..config import INDEX_FP4_BLOCK, KV_FP8_BLOCK
+from ..kv_cache import Fp4KeyStore, Fp8KVStore
+from ..nn import F32
+from . import attn_step
+from .attn import aligned_empty
+
+_E1 = np.empty(0, F32)
+
+
+def _f32(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=F32)
+
+
+def _flat(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=F32).reshape(-1)
+
+
+def _no_store(cols: int) -> tuple:
+    return (np.zeros((0, cols), np.uint8), np.zeros((0, 1), np.int8), np.zeros((0, 1), np.uint16))
+
+
+def _no_state(cols: int) -> tuple:
+    return tuple(np.zeros((0, cols), F32) for _ in range(4))
+
+
+class _Plan:
+    """What one layer's step needs besides the token's values, built on first use."""
+
+    def __init__(self, cfg, layer, w, rope):
+        m = cfg.ratio(layer)
+        self.ratio = m
+        self.freqs = _f32(rope.freqs)
+        self.sink = _f32(w.sink).reshape(-1)
+        self.kv_norm = _f32(w.kv_norm)
+        c = w.compressor
+        self.comp_w = (_f32(c.norm), _f32(c.ape)) if c is not None else (_E1, np.zeros((0, 1), F32))
+        ix = w.indexer
+        if ix is not None:
+            self.index_w = (_f32(ix.compressor.norm), _f32(ix.compressor.ape))
+            self.wscale = F32(cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
+        else:
+            self.index_w = (_E1, np.zeros((0, 1), F32))
+            self.wscale = F32(0)
+        ok_comp = c is None or (c.ratio == m and c.overlap == (m == 4) and c.head_dim == cfg.head_dim)
+        ok_index = ix is None or (m == 4 and ix.compressor.ratio == 4 and ix.compressor.overlap)
+        self.ok = ok_comp and ok_index and cfg.nope_dim + cfg.rope_dim == cfg.head_dim
+
+
+class AttnOps:
+    """Needs `self.num`, `self.compiled_attention` (False: always the reference path) and
+    RefBackend.attend."""
+
+    def _attn_plan(self, cfg, layer, w, rope):
+        plans = self.__dict__.setdefault("_attn_plans", {})
+        plan = plans.get(id(w))
+        if plan is None or plan.w is not w:
+            plan = plans[id(w)] = _Plan(cfg, layer, w, rope)
+            plan.w = w
+        return plan
+
+    def _attn_scratch(self, rows: int, cols: int) -> np.ndarray:
+        """An aligned float32 [rows, cols] key buffer reused across layers and tokens."""
+        buf = self.__dict__.get("_attn_keys")
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+            grown = 2 * buf.shape[0] if buf is not None and buf.shape[1] == cols else 0
+            buf = self._attn_keys = aligned_empty((max(rows, grown), cols))
+        return buf
+
+    def _compiled_attend(self, cfg, lc, p0, qs) -> bool:
+        num = self.num
+        if num.exact or not num.kv_fp8_sim or qs[0].shape[0] != 1:
+            return False
+        stores = [lc.ring] + ([lc.comp] if lc.comp is not None else [])
+        if not all(isinstance(s, Fp8KVStore) and s.block == KV_FP8_BLOCK for s in stores):
+            return False
+        keys = lc.index_keys
+        return keys is None or (isinstance(keys, Fp4KeyStore) and keys.block == INDEX_FP4_BLOCK)
+
+    def attend(self, cfg, layer, w, lc, p0, qs, proj, rope):
+        plan = self._attn_plan(cfg, layer, w, rope)
+        if not (self.compiled_attention and plan.ok and self._compiled_attend(cfg, lc, p0, qs)):
+            return super().attend(cfg, layer, w, lc, p0, qs, proj, rope)
+        m, H, D = plan.ratio, cfg.n_heads, cfg.head_dim
+        ring = lc.ring
+        if m > 0:
+            u, g = _flat(proj[1]), _flat(proj[2])
+            stores = (ring.codes, ring.exps, ring.rope, lc.comp.codes, lc.comp.exps, lc.comp.rope)
+            st = lc.comp_state
+            comp_st = (st.kv, st.score, st.prev_kv, st.prev_score)
+            n_sel = cfg.index_topk if m == 4 else (p0 + 1) // m
+        else:
+            u = g = _E1
+            stores = (ring.codes, ring.exps, ring.rope) + _no_store(1)
+            comp_st = _no_state(1)
+            n_sel = 0
+        if w.indexer is not None:
+            xqi, xw = _flat(qs[1]), _flat(proj[3])
+            keys = lc.index_keys
+            index = (_flat(proj[4]), _flat(proj[5]), keys.packed, keys.exps)
+            ist = lc.index_state
+            index_st = (ist.kv, ist.score, ist.prev_kv, ist.prev_score)
+        else:
+            xqi = xw = _E1
+            index = (_E1, _E1, np.zeros((0, 1), np.uint8), np.zeros((0, 1), np.int8))
+            index_st = _no_state(1)
+        hb = max(2, H // (2 * numba.get_num_threads()))        # as attn.sparse_attn for S = 1
+        hb = min(hb + (hb % 2), H) if hb < H else H
+        keys_buf = self._attn_scratch(cfg.window + n_sel, D)
+        q, out = aligned_empty((1, H, D)), aligned_empty((1, H, D))
+        n_comp = attn_step.attend_one(
+            int(p0), cfg.window, m, cfg.norm_eps, cfg.head_dim ** -0.5, hb, plan.freqs,
+            plan.sink, plan.kv_norm, _flat(qs[0]), _flat(proj[0]), (u, g), plan.comp_w, comp_st,
+            xqi, xw, index, plan.index_w, index_st, plan.wscale, cfg.index_topk, stores,
+            keys_buf, q, out)
+        if m > 0:
+            lc.n_comp = n_comp
+        return out
