@@ -13,6 +13,7 @@ from dsv4.quant.blocks import act_quant_values
 
 from . import hc
 from .attention.attention import attend
+from .block import block_forward
 from .linear import LinearW, as_f32
 from .nn import F32, hadamard_rotate, matmul_t, rms_scale, rmsnorm, silu
 from .numerics import Numerics
@@ -99,6 +100,11 @@ class RefBackend:
         """x [S, K] @ w[O, K]^T for a bf16/f32 tensor view (router, head, projections)."""
         out = [matmul_t(x, as_f32(w[r:r + ROW_CHUNK])) for r in range(0, w.shape[0], ROW_CHUNK)]
         return np.concatenate(out, axis=-1) if len(out) > 1 else out[0]
+
+    # ------------------------------------------------------------ blocks
+    def block(self, cfg, w, X: np.ndarray, ids: np.ndarray, p0: int, lc, rope: Rope) -> np.ndarray:
+        """One transformer block (block.block_forward): X [S, hc, d] -> X' [S, hc, d]."""
+        return block_forward(cfg, w, X, ids, p0, lc, rope, self.num, self)
 
     # ------------------------------------------------------------ attention
     def attend(self, cfg, layer: int, w, lc, p0: int, qs: list, proj: list, rope: Rope) -> np.ndarray:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from .backend import RefBackend
-from .block import block_forward
 from .config import ModelConfig
 from .errors import DsvError
 from .kv_cache import KVCache
@@ -87,7 +86,7 @@ class Model:
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.pos ... and return float32 logits [S, vocab]
         (or [1, vocab] for the last position)."""
-        cfg, num, be = self.cfg, self.num, self.be
+        cfg, be = self.cfg, self.be
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise DsvError("forward() needs at least one token")
@@ -98,7 +97,7 @@ class Model:
 
         X = self.embed(ids)                                                    # [S, hc, d]
         for blk, lc, rope in zip(self.w.blocks, cache.layers, self.ropes):
-            X = block_forward(cfg, blk, X, ids, p0, lc, rope, num, be)         # [S, hc, d]
+            X = be.block(cfg, blk, X, ids, p0, lc, rope)                       # [S, hc, d]
         cache.pos = p0 + ids.size
         cache.last_hidden = X[-1]                                              # [hc, d] (MTP input)
 

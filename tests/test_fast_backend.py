@@ -120,3 +120,42 @@ def test_compiled_attention_step_matches_python_path(request, which, revision, m
         steps = sum(1 for n in sizes if n == 1)
         assert len(calls) == steps * model.cfg.n_layers
         assert set(calls) == {0, 4, 128}                   # every layer kind ran compiled
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "odd_dir"])
+@pytest.mark.parametrize("revision", ["current", "initial"])
+def test_compiled_decode_block_matches_per_op_path(request, which, revision, monkeypatch):
+    """A decoded token's block as gemv regions around compiled stages (decode_ops.py)
+    gives bit-identical logits and cache state to block.py's per-operation path, with
+    multi-token chunks in between; it runs for every layer of every single-token step in
+    the default numerics, and not for the initial revision (its bf16 KV takes the other
+    path)."""
+    from dsv4.runtime.kernels import decode_ops
+    folder = request.getfixturevalue(which)
+    num = Numerics.from_revision(revision)
+    calls = []
+    orig = decode_ops.decode_step.block_in
+
+    def spy(*a):
+        calls.append(1)
+        return orig(*a)
+    monkeypatch.setattr(decode_ops.decode_step, "block_in", spy)
+    sizes = [6] + [1] * 60 + [9] + [1] * 80
+    results = {}
+    for compiled in (False, True):
+        model = Model.load(folder, num, backend="fast")
+        model.be.compiled_decode = compiled
+        ids = np.random.default_rng(12).integers(0, model.cfg.vocab_size, sum(sizes))
+        cache = model.new_cache(len(ids))
+        out, p = [], 0
+        for n in sizes:
+            out.append(model.forward(ids[p:p + n], cache))
+            p += n
+        results[compiled] = (np.concatenate(out), _cache_arrays(cache), cache.last_hidden)
+    (a, sa, ha), (b, sb, hb) = results[False], results[True]
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    assert np.array_equal(ha, hb)
+    assert len(sa) == len(sb) and all(np.array_equal(x, y) for x, y in zip(sa, sb))
+    steps = sum(1 for n in sizes if n == 1)
+    if model.be.k.variant in ("avx512", "avx2"):
+        assert len(calls) == (steps * model.cfg.n_layers if revision == "current" else 0)

@@ -18,6 +18,7 @@ from ..numerics import Numerics
 from . import attn, gemv
 from .actq import act_quant_values
 from .attn_ops import AttnOps
+from .decode_ops import DecodeOps
 from .dequant import dequant_rows
 from .fused_ops import FusedOps
 from .gemm_ops import GemmOps
@@ -52,7 +53,7 @@ def _job_plan(where, tables, weights, xrows):
     return segments, start, a
 
 
-class FastBackend(AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
+class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
     name = "fast"
 
     def __init__(self, num: Numerics):
@@ -68,6 +69,7 @@ class FastBackend(AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         self._job_plans: dict = {}                      # (weight keys, rows) -> job layout
         self.compiled_moe = True                        # decode MoE via moe_step.py
         self.compiled_attention = True                  # decode attention via attn_step.py
+        self.compiled_decode = True                     # decode blocks via decode_ops.py
         self.bf16_gemm = self.k.variant == "avx512"     # prefill fp4/fp8 GEMMs via gemm.py
         self._gemm_fits: dict[int, bool] = {}           # weight_key -> scales fit bf16
         self._gemm_checked = False                      # selfcheck.check_gemm ran
