@@ -19,7 +19,7 @@ from dsv4.runtime.kernels.selfcheck import TOL, problem, worst
 VARIANTS = [v for v in cpu.VARIANTS if not cpu.unmet(v, cpu.host_features())]
 SHAPES = {  # fmt -> [(O, K, block)]
     "fp4": [(7, 32, None), (13, 96, None), (37, 2080, None)],
-    "fp8": [(131, 200, (128, 128)), (45, 100, (32, 48)), (9, 4096, (128, 128))],
+    "fp8": [(131, 200, (128, 128)), (45, 100, (32, 48)), (9, 4096, (128, 128)), (10, 424, (128, 128))],
     "bf16": [(5, 37, None), (33, 1000, None)],
     "f32": [(5, 37, None), (9, 515, None)],
 }
@@ -212,6 +212,20 @@ def test_ir_refuses_missing_features():
         _tm_features = "+avx2,+fma,-avx512f"
     with pytest.raises(ir.UnsupportedISA, match="avx512f"):
         ir._library(FakeCodegen(), "avx512")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("K", [200, 424, 4096])
+def test_fp8_row_pairs_equal_single_rows(variant, K, rng):
+    """Rows done two at a time (one x stream) give the same bits as each row alone."""
+    W, S, _ = problem("fp8", rng, 7, K, (128, 128))
+    k = gemv.Kernels(variant)
+    xp = k.prepare_x("fp8", _x("quantized", K, rng), 128)
+    y = k.gemv("fp8", W, S, xp, (128, 128))
+    for i in range(7):
+        yi = k.gemv("fp8", np.ascontiguousarray(W[i:i + 1]), np.ascontiguousarray(S[i // 128:i // 128 + 1]), xp,
+                    (128, 128))
+        assert y[i].view(np.uint32) == yi[0].view(np.uint32)
 
 
 def test_default_entry_points(rng):
