@@ -14,15 +14,17 @@ are those with real work: KV row decoding, the indexer's scores and the attentio
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .actq import quant_row
 from .attn_index import index_scores_into
 from .attn_kv import read_kv_fp8_into, write_kv_fp4_into, write_kv_fp8_into
 from .attn_sparse import sparse_attn_into
 from .attn_topk import topk_rows_into
-from .glue import bf16, hadamard_rows, head_norm_rows, q4_rows, rmsnorm_rows, rope_rows
+from .glue import bf16, hadamard_rows, q4_rows, rmsnorm_rows, rope_rows, sumsq
 
 F32 = np.float32
 KV_BLOCK = 64              # config.KV_FP8_BLOCK (e4m3 rounding and storage of KV nope dims)
@@ -31,9 +33,69 @@ _OPTS = {"cache": True, "boundscheck": False, "error_model": "numpy", "nogil": T
 
 
 @njit(**_OPTS)
-def _bf16_inplace(x):
-    for i in range(x.size):
-        x.flat[i] = bf16(x.flat[i])
+def _cos_sin(p, freqs, inverse):
+    """The rotation of position p as glue.rope_rows computes it (float64 cos / sin of the
+    float32 angle, rounded to float32; sin negated for the inverse)."""
+    cos, sin = np.empty(freqs.shape[0], F32), np.empty(freqs.shape[0], F32)
+    pf = F32(p)
+    for i in range(freqs.shape[0]):
+        ang = np.float64(F32(pf * freqs[i]))
+        cos[i] = F32(math.cos(ang))
+        sin[i] = -F32(math.sin(ang)) if inverse else F32(math.sin(ang))
+    return cos, sin
+
+
+@njit(inline="always")
+def _rope_head(v, cos, sin):
+    """glue.rope_rows (rounding on) on one head vector v [D]: the leading dims rounded,
+    the last 2*len(cos) rotated pairwise and rounded."""
+    base = v.shape[0] - 2 * cos.shape[0]
+    for j in range(base):
+        v[j] = bf16(v[j])
+    for i in range(cos.shape[0]):
+        a, b = v[base + 2 * i], v[base + 2 * i + 1]
+        v[base + 2 * i] = bf16(a * cos[i] - b * sin[i])
+        v[base + 2 * i + 1] = bf16(a * sin[i] + b * cos[i])
+
+
+@njit(**_OPTS, parallel=True)
+def _query_heads(xq, eps, cos, sin, q):
+    """q [1, H, D] = rope(head_norm(bf16(xq))) (glue's bf16, head_norm_rows, rope_rows in
+    sequence), heads in parallel."""
+    H, D = q.shape[1], q.shape[2]
+    for h in prange(H):
+        v = q[0, h]
+        for j in range(D):
+            v[j] = bf16(xq[h * D + j])
+        ms = sumsq(v, False)
+        r = F32(1.0 / np.sqrt(np.float64(F32(ms / D)) + F32(eps)))
+        for j in range(D):
+            v[j] = bf16(v[j] * r)
+        _rope_head(v, cos, sin)
+
+
+@njit(**_OPTS, parallel=True)
+def _output_heads(o, cos, sin):
+    """In place: o [1, H, D] = rope^-1(bf16(o)) (cos, sin of the inverse), heads in parallel."""
+    for h in prange(o.shape[1]):
+        v = o[0, h]
+        for j in range(v.shape[0]):
+            v[j] = bf16(v[j])
+        _rope_head(v, cos, sin)
+
+
+@njit(**_OPTS, parallel=True)
+def _index_heads(xqi, cos, sin, qi):
+    """Indexer queries qi [1, Ih, Id] = fp4(hadamard(rope(bf16(xqi)))), heads in parallel."""
+    Ih, Id = qi.shape[1], qi.shape[2]
+    q2 = qi.reshape(Ih, Id)
+    for h in prange(Ih):
+        v = q2[h]
+        for j in range(Id):
+            v[j] = bf16(xqi[h * Id + j])
+        _rope_head(v, cos, sin)
+        hadamard_rows(q2[h:h + 1], True)
+        q4_rows(q2[h:h + 1], INDEX_BLOCK)
 
 
 @njit(**_OPTS)
@@ -105,13 +167,11 @@ def attend_one(p, window, ratio, eps, scale, hb, freqs, sink, kv_norm,
     f32 [>= window + entries used, D], q f32 [1, H, D] (scratch) and out f32 [1, H, D] (the
     result), 64-byte aligned for the attention kernel's loads.
     -> number of compressed entries written so far (LayerCache.n_comp)."""
-    H, D = out.shape[1], out.shape[2]
+    D = out.shape[2]
     nope = ring[0].shape[1]
-    q[0] = xq.reshape(H, D)                                              # [1, H, D]
-    _bf16_inplace(q)
-    head_norm_rows(q, eps, True)
+    cos, sin = _cos_sin(p, freqs, False)
+    _query_heads(xq, eps, cos, sin, q)                                   # [1, H, D]
     pos = np.full(1, p, np.int64)
-    rope_rows(q, pos, freqs, False, True)
 
     # this token's KV row: norm, rope, e4m3 nope dims                      [D]
     n_prev = min(p, window - 1)
@@ -124,12 +184,9 @@ def attend_one(p, window, ratio, eps, scale, hb, freqs, sink, kv_norm,
     sel = np.empty((1, 0), np.int64)
     if ratio == 4:                  # indexer: its query, its key of a completed block, top-k
         Ih = xw.shape[0]
-        qi = xqi.reshape(1, Ih, -1).copy()                               # [1, Ih, Id]
-        _bf16_inplace(qi)
-        rope_rows(qi, pos, freqs, False, True)
-        hadamard_rows(qi.reshape(Ih, -1), True)
-        q4_rows(qi.reshape(Ih, -1), INDEX_BLOCK)
-        Id = qi.shape[2]
+        Id = xqi.shape[0] // Ih
+        qi = np.empty((1, Ih, Id), F32)
+        _index_heads(xqi, cos, sin, qi)                                  # [1, Ih, Id]
         raw = np.empty(Id, F32)
         if _advance(index_st[0], index_st[1], index_st[2], index_st[3], index_w[1], True,
                     index[0], index[1], p, raw):
@@ -179,6 +236,6 @@ def attend_one(p, window, ratio, eps, scale, hb, freqs, sink, kv_norm,
 
     idx = np.arange(n_keys).reshape(1, -1)
     sparse_attn_into(q, keys[:n_keys], idx, sink, F32(scale), hb, out)
-    _bf16_inplace(out)
-    rope_rows(out, pos, freqs, True, True)
+    cos, sin = _cos_sin(p, freqs, True)
+    _output_heads(out, cos, sin)
     return n_comp

@@ -291,6 +291,7 @@ def q4_rows(x, block):
                 a = max(a, abs(x[r, i]))
             mant, e = math.frexp(np.float64(a * inv6))
             k = e - 1 if mant == 0.5 else e
+            down, up = math.ldexp(1.0, -k), math.ldexp(1.0, k)     # exact powers of two
             for i in range(b0, b1):
-                v = min(max(np.float64(x[r, i]) * 2.0 ** (-k), -6.0), 6.0)
-                x[r, i] = F32(_e2m1(v) * 2.0 ** k)
+                v = min(max(np.float64(x[r, i]) * down, -6.0), 6.0)
+                x[r, i] = F32(_e2m1(v) * up)
