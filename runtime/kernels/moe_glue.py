@@ -11,7 +11,7 @@ of expert id, then its shared expert's output.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .actq import quant_row
 from .attn_util import exp_f32
@@ -71,6 +71,22 @@ def silu(g):
     return F32((g64 if g >= 0 else g64 * e) / (1.0 + e))
 
 
+@njit(inline="always")
+def _swiglu_job(gu, goff, uoff, inter, limit, weight, rnd, qblock, out, j):
+    lim, wj = F32(limit[j]), F32(weight[j])
+    g_, u_, h = gu[goff[j]:goff[j] + inter], gu[uoff[j]:uoff[j] + inter], out[j]
+    if lim > 0:
+        for i in range(inter):
+            g = min(_rnd(g_[i], rnd), lim)
+            u = min(max(_rnd(u_[i], rnd), -lim), lim)
+            h[i] = _rnd((silu(g) * u) * wj, rnd)
+    else:
+        for i in range(inter):
+            h[i] = _rnd((silu(_rnd(g_[i], rnd)) * _rnd(u_[i], rnd)) * wj, rnd)
+    if qblock > 0:
+        quant_row(h, h, qblock)                           # in place: block max read first
+
+
 @njit(**_OPTS)
 def swiglu_rows(gu, goff, uoff, inter, limit, weight, rnd, qblock, out):
     """gu: w1 and w3 outputs of all jobs, flat float32; job j's gate is gu[goff[j]:
@@ -78,18 +94,14 @@ def swiglu_rows(gu, goff, uoff, inter, limit, weight, rnd, qblock, out):
     routing weights (1 for the shared expert); qblock > 0: FP8-quantize each row in blocks
     of qblock (0: keep float32). -> out [n, inter]."""
     for j in range(goff.shape[0]):
-        lim, wj = F32(limit[j]), F32(weight[j])
-        g_, u_, h = gu[goff[j]:goff[j] + inter], gu[uoff[j]:uoff[j] + inter], out[j]
-        if lim > 0:
-            for i in range(inter):
-                g = min(_rnd(g_[i], rnd), lim)
-                u = min(max(_rnd(u_[i], rnd), -lim), lim)
-                h[i] = _rnd((silu(g) * u) * wj, rnd)
-        else:
-            for i in range(inter):
-                h[i] = _rnd((silu(_rnd(g_[i], rnd)) * _rnd(u_[i], rnd)) * wj, rnd)
-        if qblock > 0:
-            quant_row(h, h, qblock)                       # in place: block max read first
+        _swiglu_job(gu, goff, uoff, inter, limit, weight, rnd, qblock, out, j)
+
+
+@njit(**_OPTS, parallel=True)
+def swiglu_rows_par(gu, goff, uoff, inter, limit, weight, rnd, qblock, out):
+    """swiglu_rows with the jobs in parallel (same values)."""
+    for j in prange(goff.shape[0]):
+        _swiglu_job(gu, goff, uoff, inter, limit, weight, rnd, qblock, out, j)
 
 
 @njit(**_OPTS)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from . import prep
 from .actq import quant_row
-from .moe_glue import combine_rows, swiglu_rows
+from .moe_glue import combine_rows, swiglu_rows_par
 from .prep_nb import bf16_gather_rows, fp4_int_rows, gather_rows
 
 F32 = np.float32
@@ -40,13 +40,17 @@ def x_layout(variant: str, K: int, b1: int) -> tuple:
             idx.size // 2 if words else idx.size)
 
 
-@njit(cache=True, boundscheck=False)
+@njit(cache=True, boundscheck=False, parallel=True)
 def _prepare(x, n4, int_header, int_len, fp8_idx, fp8_words, fp8_scale, fp8_len, xcat, xinfo):
-    """Rows [0, n4) of x in the FP4 integer layout, the rest in the FP8 layout, into the
-    same rows of xcat (xinfo: nterms, length, format per row). False if FP4 does not fit."""
+    """Rows [0, n4) of x in the FP4 integer layout (rows in parallel), the rest in the FP8
+    layout, into the same rows of xcat (xinfo: nterms, length, format per row). False if
+    FP4 does not fit."""
     n8 = x.shape[0] - n4
     t4 = np.empty((n4, int_len), np.float32)
-    if not fp4_int_rows(x[:n4], int_header, t4):
+    fits = np.empty(n4, np.bool_)
+    for i in prange(n4):
+        fits[i] = fp4_int_rows(x[i:i + 1], int_header, t4[i:i + 1])
+    if not fits.all():
         return False
     for i in range(n4):
         xcat[i, :int_len] = t4[i]
@@ -111,7 +115,7 @@ def stage2(gu, idx, wts, w2r, s2, inter, limit, shared_limit, wblock, rnd,
         weight[j] = 1.0 if shared else wts[j // k, j % k]
         mats[j] = s2 if shared else w2r[idx[j // k, j % k]]
     h = np.empty((n, inter), np.float32)
-    swiglu_rows(gu, goff, uoff, inter, lim, weight, rnd, wblock, h)
+    swiglu_rows_par(gu, goff, uoff, inter, lim, weight, rnd, wblock, h)
     xp = np.zeros((n, max(int_len, fp8_len)), np.float32)
     info = np.empty((n, 3), np.int64)
     ok = _prepare(h, nr, int_header, int_len, fp8_idx, fp8_words, fp8_scale, fp8_len, xp, info)
