@@ -82,6 +82,27 @@ def _cache_arrays(cache):
     return out
 
 
+def _run_flag(folder, num, flag: str, value: bool, sizes, seed: int):
+    """Logits, cache arrays and last hidden state of a fresh fast model with the backend
+    attribute `flag` set to `value`, fed random ids in chunks of `sizes`."""
+    model = Model.load(folder, num, backend="fast")
+    setattr(model.be, flag, value)
+    ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, sum(sizes))
+    cache = model.new_cache(len(ids))
+    out, p = [], 0
+    for n in sizes:
+        out.append(model.forward(ids[p:p + n], cache))
+        p += n
+    return np.concatenate(out), _cache_arrays(cache), cache.last_hidden, model
+
+
+def _assert_same_runs(a, b):
+    (la, sa, ha, _), (lb, sb, hb, _) = a, b
+    assert np.array_equal(la.view(np.uint32), lb.view(np.uint32))
+    assert np.array_equal(ha, hb)
+    assert len(sa) == len(sb) and all(np.array_equal(x, y) for x, y in zip(sa, sb))
+
+
 @pytest.mark.parametrize("which", ["tiny_dir", "odd_dir"])
 @pytest.mark.parametrize("revision", ["current", "initial"])
 def test_compiled_attention_step_matches_python_path(request, which, revision, monkeypatch):
@@ -100,20 +121,10 @@ def test_compiled_attention_step_matches_python_path(request, which, revision, m
         return orig(*a)
     monkeypatch.setattr(attn_ops.attn_step, "attend_one", spy)
     sizes = [5] + [1] * 120 + [7] + [1] * 140 + [3, 1, 1]
-    results = {}
-    for compiled in (False, True):
-        model = Model.load(folder, num, backend="fast")
-        model.be.compiled_attention = compiled
-        ids = np.random.default_rng(11).integers(0, model.cfg.vocab_size, sum(sizes))
-        cache = model.new_cache(len(ids))
-        out, p = [], 0
-        for n in sizes:
-            out.append(model.forward(ids[p:p + n], cache))
-            p += n
-        results[compiled] = (np.concatenate(out), _cache_arrays(cache))
-    (a, sa), (b, sb) = results[False], results[True]
-    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
-    assert len(sa) == len(sb) and all(np.array_equal(x, y) for x, y in zip(sa, sb))
+    a = _run_flag(folder, num, "compiled_attention", False, sizes, 11)
+    b = _run_flag(folder, num, "compiled_attention", True, sizes, 11)
+    _assert_same_runs(a, b)
+    model = b[3]
     if revision == "initial":
         assert not calls
     else:
@@ -141,21 +152,10 @@ def test_compiled_decode_block_matches_per_op_path(request, which, revision, mon
         return orig(*a)
     monkeypatch.setattr(decode_ops.decode_step, "block_in", spy)
     sizes = [6] + [1] * 60 + [9] + [1] * 80
-    results = {}
-    for compiled in (False, True):
-        model = Model.load(folder, num, backend="fast")
-        model.be.compiled_decode = compiled
-        ids = np.random.default_rng(12).integers(0, model.cfg.vocab_size, sum(sizes))
-        cache = model.new_cache(len(ids))
-        out, p = [], 0
-        for n in sizes:
-            out.append(model.forward(ids[p:p + n], cache))
-            p += n
-        results[compiled] = (np.concatenate(out), _cache_arrays(cache), cache.last_hidden)
-    (a, sa, ha), (b, sb, hb) = results[False], results[True]
-    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
-    assert np.array_equal(ha, hb)
-    assert len(sa) == len(sb) and all(np.array_equal(x, y) for x, y in zip(sa, sb))
+    a = _run_flag(folder, num, "compiled_decode", False, sizes, 12)
+    b = _run_flag(folder, num, "compiled_decode", True, sizes, 12)
+    _assert_same_runs(a, b)
+    model = b[3]
     steps = sum(1 for n in sizes if n == 1)
     if model.be.k.variant in ("avx512", "avx2"):
         assert len(calls) == (steps * model.cfg.n_layers if revision == "current" else 0)
