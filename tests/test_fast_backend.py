@@ -82,11 +82,15 @@ def _cache_arrays(cache):
     return out
 
 
-def _run_flag(folder, num, flag: str, value: bool, sizes, seed: int):
+def _run_flag(folder, num, flag: str, value: bool, sizes, seed: int, variant: str | None = None):
     """Logits, cache arrays and last hidden state of a fresh fast model with the backend
-    attribute `flag` set to `value`, fed random ids in chunks of `sizes`."""
+    attribute `flag` set to `value` (and the gemv kernels of `variant`), fed random ids in
+    chunks of `sizes`."""
     model = Model.load(folder, num, backend="fast")
     setattr(model.be, flag, value)
+    if variant is not None:
+        from dsv4.runtime.kernels import gemv
+        model.be.k, model.be.bf16_gemm = gemv.Kernels(variant), False
     ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, sum(sizes))
     cache = model.new_cache(len(ids))
     out, p = [], 0
@@ -159,3 +163,18 @@ def test_compiled_decode_block_matches_per_op_path(request, which, revision, mon
     steps = sum(1 for n in sizes if n == 1)
     if model.be.k.variant in ("avx512", "avx2"):
         assert len(calls) == (steps * model.cfg.n_layers if revision == "current" else 0)
+
+
+def test_compiled_decode_block_avx2_kernels(tiny_dir):
+    """The compiled decode block with the AVX2 gemv kernels (their x layouts) is
+    bit-identical to the per-operation path with the same kernels."""
+    from dsv4.runtime.kernels import cpu
+    if cpu.unmet("avx2", cpu.host_features()):
+        pytest.skip("no AVX2 on this host")
+    num = Numerics()
+    sizes = [5] + [1] * 40 + [3] + [1] * 20
+    a = _run_flag(tiny_dir, num, "compiled_decode", False, sizes, 13, "avx2")
+    b = _run_flag(tiny_dir, num, "compiled_decode", True, sizes, 13, "avx2")
+    _assert_same_runs(a, b)
+    plans = b[3].be.__dict__.get("_decode_plans", {}).values()
+    assert plans and all(plan is not None for _, plan in plans)   # the compiled block ran
