@@ -78,9 +78,10 @@ class AttnOps:
             buf = self._attn_keys = aligned_empty((max(rows, grown), cols))
         return buf
 
-    def _compiled_attend(self, cfg, lc, p0, qs) -> bool:
+    def _compiled_attend(self, lc, S: int) -> bool:
+        """Whether the compiled step applies to S tokens with the layer cache lc."""
         num = self.num
-        if num.exact or not num.kv_fp8_sim or qs[0].shape[0] != 1:
+        if num.exact or not num.kv_fp8_sim or S != 1:
             return False
         stores = [lc.ring] + ([lc.comp] if lc.comp is not None else [])
         if not all(isinstance(s, Fp8KVStore) and s.block == KV_FP8_BLOCK for s in stores):
@@ -90,7 +91,7 @@ class AttnOps:
 
     def attend(self, cfg, layer, w, lc, p0, qs, proj, rope):
         plan = self._attn_plan(cfg, layer, w, rope)
-        if not (self.compiled_attention and plan.ok and self._compiled_attend(cfg, lc, p0, qs)):
+        if not (self.compiled_attention and plan.ok and self._compiled_attend(lc, qs[0].shape[0])):
             return super().attend(cfg, layer, w, lc, p0, qs, proj, rope)
         m, H, D = plan.ratio, cfg.n_heads, cfg.head_dim
         ring = lc.ring

@@ -7,6 +7,10 @@ Per layer it replaces the ~60 Python-level operations of block.py's per-operatio
 bit-identical to that path. It applies to decode in the model's default numerics on the
 avx512 / avx2 kernels, with FP8-quantized attention projections and the MoE and attention
 steps' own conditions; anything else takes block.py's path.
+
+The per-layer buffers (prepared x rows, region results) are reused by every call, so a
+backend instance runs one forward pass at a time (its dequantization scratch and the
+attention step's key buffer assume the same).
 """
 from __future__ import annotations
 
@@ -149,7 +153,7 @@ class DecodeOps:
 
     def block(self, cfg, w, X, ids, p0, lc, rope):
         plan = self._decode_plan(cfg, w) if self.compiled_decode and X.shape[0] == 1 else None
-        if plan is None or not self._compiled_attend(cfg, lc, p0, [X]):
+        if plan is None or not self._compiled_attend(lc, X.shape[0]):
             return super().block(cfg, w, X, ids, p0, lc, rope)
         a, f, p = w.attn, w.ffn, plan
         hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
