@@ -144,6 +144,8 @@ class DecodeOps:
         p.norms = tuple(np.ascontiguousarray(x, dtype=F32) for x in (w.attn_norm, a.q_norm, w.ffn_norm))
         p.bias = np.zeros(f.gate.shape[0], F32) if f.bias is None else np.ascontiguousarray(f.bias, dtype=F32)
         p.n_raw = len(raw)
+        k, inter = cfg.n_activated_experts, self._moe_plan(f).inter
+        p.moe_out = (np.empty(2 * (k + 1) * inter, F32), np.empty((k + 1) * d, F32))   # w1|w3, w2 results
         return p
 
     def _drive(self, site, xcat, xinfo):
@@ -194,7 +196,7 @@ class DecodeOps:
         moe_glue.route_rows(logits, p.bias, hidx, k, F32(cfg.route_scale), idx, wts)
         limit = cfg.swiglu_limit
         shared_limit = limit if self.num.shared_clamp else 0.0
-        y = self._moe_compiled(x, idx, wts, f, self._moe_plan(f), limit, shared_limit)
+        y = self._moe_compiled(x, idx, wts, f, self._moe_plan(f), limit, shared_limit, p.moe_out)
         if y is None:
             y = self._moe_decode(x, idx, wts, f, limit, shared_limit)
         X3 = np.empty(X.shape, F32)

@@ -177,9 +177,10 @@ class MoEOps:
         moe_glue.combine_rows(y, lay.yoff, order, lay.shared_jobs, self._rnd, out)
         return out
 
-    def _moe_compiled(self, x, idx, wts, w: MoEW, plan, limit, shared_limit):
+    def _moe_compiled(self, x, idx, wts, w: MoEW, plan, limit, shared_limit, bufs=None):
         """The step as three compiled calls around its two gemv regions (moe_step.py) where
-        it applies, else None."""
+        it applies, else None. bufs: float32 vectors for the two regions' results (reused
+        by the compiled decode block), else fresh ones."""
         if (self.k.variant not in ("avx512", "avx2") or not self.num.quantize_activations or plan.fmt != "fp4"
                 or plan.sfmt != "fp8" or not plan.w2_quantized or not w.shared.w1.quantized):
             return None
@@ -192,13 +193,17 @@ class MoEOps:
             *moe_step.x_layout(self.k.variant, d, b1))
         if not ok:
             return None
-        gu = self.k.drive_rows(self.mixed, mats, xsel, xp, info, np.empty(2 * (S * k + S) * inter, F32))
+        n = S * k + S
+        fits = bufs is not None and bufs[0].size == 2 * n * inter and bufs[1].size == n * d
+        gu, y = bufs if fits else (
+            np.empty(2 * n * inter, F32), np.empty(n * d, F32))
+        self.k.drive_rows(self.mixed, mats, xsel, xp, info, gu)
         ok, xp, info, mats, xsel = moe_step.stage2(
             gu, idx, np.ascontiguousarray(wts, dtype=F32), m2, ms2, inter, F32(limit),
             F32(shared_limit), plan.w2_block, self._rnd, *moe_step.x_layout(self.k.variant, inter, b1))
         if not ok:
             return None
-        y = self.k.drive_rows(self.mixed, mats, xsel, xp, info, np.empty((S * k + S) * d, F32))
+        self.k.drive_rows(self.mixed, mats, xsel, xp, info, y)
         out = np.empty(x.shape, F32)
         moe_step.stage3(y, idx, self._rnd, out)
         return out
