@@ -63,7 +63,7 @@ def note_first_compile(backend: str) -> None:
     """Tell the user why the very first run is slow (kernels compile once, then load)."""
     cache = os.environ.get("NUMBA_CACHE_DIR")
     if backend == "fast" and cache and not any(os.scandir(cache) if os.path.isdir(cache) else ()):
-        click.echo(f"dsv4: first run: compiling the SIMD kernels (once, about a minute; "
+        click.echo(f"dsv4: first run: compiling the SIMD kernels (once, a few minutes; "
                    f"cached in {cache})", err=True)
 
 
