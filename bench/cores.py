@@ -25,7 +25,7 @@ from numba import njit, prange  # noqa: E402
 
 from dsv4.runtime.kernels.membw import BandwidthProbe  # noqa: E402
 
-LANES = 256          # float32 values per thread: 16 independent zmm chains, all in registers
+LANES = 256          # float32 values per thread: 16 independent vector chains over an L1-resident array
 STEPS = 400_000      # FMA steps per value
 
 
@@ -46,7 +46,7 @@ def _fma_threads(a, steps):
 
 
 def fma_gflops(threads: int, steps: int = STEPS) -> float:
-    """FMA GFLOP/s of `threads` threads, each on its own register-resident chains."""
+    """FMA GFLOP/s of `threads` threads, each on its own L1-resident array."""
     a = np.ones((threads, LANES), np.float32)
     t = time.perf_counter()
     _fma_threads(a, steps)
