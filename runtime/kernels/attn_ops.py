@@ -27,14 +27,6 @@ def _flat(x) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=F32).reshape(-1)
 
 
-def _no_store(cols: int) -> tuple:
-    return (np.zeros((0, cols), np.uint8), np.zeros((0, 1), np.int8), np.zeros((0, 1), np.uint16))
-
-
-def _no_state(cols: int) -> tuple:
-    return tuple(np.zeros((0, cols), F32) for _ in range(4))
-
-
 class _Plan:
     """What one layer's step needs besides the token's values, built on first use."""
 
@@ -53,6 +45,10 @@ class _Plan:
         else:
             self.index_w = (_E1, np.zeros((0, 1), F32))
             self.wscale = F32(0)
+        # empty stand-ins for the parts a layer kind lacks (one argument type for all layers)
+        self.no_store = (np.zeros((0, 1), np.uint8), np.zeros((0, 1), np.int8), np.zeros((0, 1), np.uint16))
+        self.no_state = tuple(np.zeros((0, 1), F32) for _ in range(4))
+        self.no_index = (_E1, _E1, np.zeros((0, 1), np.uint8), np.zeros((0, 1), np.int8))
         ok_comp = c is None or (c.ratio == m and c.overlap == (m == 4) and c.head_dim == cfg.head_dim)
         ok_index = ix is None or (m == 4 and ix.compressor.ratio == 4 and ix.compressor.overlap)
         self.ok = ok_comp and ok_index and cfg.nope_dim + cfg.rope_dim == cfg.head_dim
@@ -103,8 +99,8 @@ class AttnOps:
             n_sel = cfg.index_topk if m == 4 else (p0 + 1) // m
         else:
             u = g = _E1
-            stores = (ring.codes, ring.exps, ring.rope) + _no_store(1)
-            comp_st = _no_state(1)
+            stores = (ring.codes, ring.exps, ring.rope) + plan.no_store
+            comp_st = plan.no_state
             n_sel = 0
         if w.indexer is not None:
             xqi, xw = _flat(qs[1]), _flat(proj[3])
@@ -114,8 +110,8 @@ class AttnOps:
             index_st = (ist.kv, ist.score, ist.prev_kv, ist.prev_score)
         else:
             xqi = xw = _E1
-            index = (_E1, _E1, np.zeros((0, 1), np.uint8), np.zeros((0, 1), np.int8))
-            index_st = _no_state(1)
+            index = plan.no_index
+            index_st = plan.no_state
         hb = max(2, H // (2 * numba.get_num_threads()))        # as attn.sparse_attn for S = 1
         hb = min(hb + (hb % 2), H) if hb < H else H
         keys_buf = self._attn_scratch(cfg.window + n_sel, D)

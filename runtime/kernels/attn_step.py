@@ -14,8 +14,6 @@ are those with real work: KV row decoding, the indexer's scores and the attentio
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
@@ -24,7 +22,16 @@ from .attn_index import index_scores_into
 from .attn_kv import read_kv_fp8_into, write_kv_fp4_into, write_kv_fp8_into
 from .attn_sparse import sparse_attn_into
 from .attn_topk import topk_rows_into
-from .glue import bf16, hadamard_rows, q4_rows, rmsnorm_rows, rope_rows, sumsq
+from .glue import (
+    bf16,
+    hadamard_rows,
+    head_norm_vec,
+    q4_rows,
+    rmsnorm_rows,
+    rope_angles,
+    rope_rows,
+    rope_vec,
+)
 
 F32 = np.float32
 KV_BLOCK = 64              # config.KV_FP8_BLOCK (e4m3 rounding and storage of KV nope dims)
@@ -34,28 +41,10 @@ _OPTS = {"cache": True, "boundscheck": False, "error_model": "numpy", "nogil": T
 
 @njit(**_OPTS)
 def _cos_sin(p, freqs, inverse):
-    """The rotation of position p as glue.rope_rows computes it (float64 cos / sin of the
-    float32 angle, rounded to float32; sin negated for the inverse)."""
+    """The rotation of position p as glue.rope_rows computes it."""
     cos, sin = np.empty(freqs.shape[0], F32), np.empty(freqs.shape[0], F32)
-    pf = F32(p)
-    for i in range(freqs.shape[0]):
-        ang = np.float64(F32(pf * freqs[i]))
-        cos[i] = F32(math.cos(ang))
-        sin[i] = -F32(math.sin(ang)) if inverse else F32(math.sin(ang))
+    rope_angles(p, freqs, inverse, cos, sin)
     return cos, sin
-
-
-@njit(inline="always")
-def _rope_head(v, cos, sin):
-    """glue.rope_rows (rounding on) on one head vector v [D]: the leading dims rounded,
-    the last 2*len(cos) rotated pairwise and rounded."""
-    base = v.shape[0] - 2 * cos.shape[0]
-    for j in range(base):
-        v[j] = bf16(v[j])
-    for i in range(cos.shape[0]):
-        a, b = v[base + 2 * i], v[base + 2 * i + 1]
-        v[base + 2 * i] = bf16(a * cos[i] - b * sin[i])
-        v[base + 2 * i + 1] = bf16(a * sin[i] + b * cos[i])
 
 
 @njit(**_OPTS, parallel=True)
@@ -67,11 +56,8 @@ def _query_heads(xq, eps, cos, sin, q):
         v = q[0, h]
         for j in range(D):
             v[j] = bf16(xq[h * D + j])
-        ms = sumsq(v, False)
-        r = F32(1.0 / np.sqrt(np.float64(F32(ms / D)) + F32(eps)))
-        for j in range(D):
-            v[j] = bf16(v[j] * r)
-        _rope_head(v, cos, sin)
+        head_norm_vec(v, eps, True)
+        rope_vec(v, cos, sin, True)
 
 
 @njit(**_OPTS, parallel=True)
@@ -81,7 +67,7 @@ def _output_heads(o, cos, sin):
         v = o[0, h]
         for j in range(v.shape[0]):
             v[j] = bf16(v[j])
-        _rope_head(v, cos, sin)
+        rope_vec(v, cos, sin, True)
 
 
 @njit(**_OPTS, parallel=True)
@@ -93,7 +79,7 @@ def _index_heads(xqi, cos, sin, qi):
         v = q2[h]
         for j in range(Id):
             v[j] = bf16(xqi[h * Id + j])
-        _rope_head(v, cos, sin)
+        rope_vec(v, cos, sin, True)
         hadamard_rows(q2[h:h + 1], True)
         q4_rows(q2[h:h + 1], INDEX_BLOCK)
 

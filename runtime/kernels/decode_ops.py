@@ -143,7 +143,6 @@ class DecodeOps:
         p.xinfo = np.zeros((max(2, G), 3), np.int64)
         p.norms = tuple(np.ascontiguousarray(x, dtype=F32) for x in (w.attn_norm, a.q_norm, w.ffn_norm))
         p.bias = np.zeros(f.gate.shape[0], F32) if f.bias is None else np.ascontiguousarray(f.bias, dtype=F32)
-        p.n_raw = len(raw)
         k, inter = cfg.n_activated_experts, self._moe_plan(f).inter
         p.moe_out = (np.empty(2 * (k + 1) * inter, F32), np.empty((k + 1) * d, F32))   # w1|w3, w2 results
         return p

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit
 
 from .actq import quant_row
-from .glue import bf16, hc_post_rows_serial, hc_pre_rows, rmsnorm_rows
+from .glue import bf16_inplace, hc_post_rows_serial, hc_pre_rows, rmsnorm_rows
 from .prep_nb import bf16_exact_rows, bf16_gather_rows, gather_rows, terms_rows
 
 F32 = np.float32
@@ -49,12 +49,6 @@ def prep_row(x, spec, xrow, info):
         return
     gather_rows(x, idx, scale, xrow[:idx.size].reshape(1, -1))
     info[0], info[1], info[2] = 1, idx.size, code
-
-
-@njit(**_OPTS)
-def _bf16_all(x):
-    for i in range(x.size):
-        x.flat[i] = bf16(x.flat[i])
 
 
 @njit(**_OPTS)
@@ -101,7 +95,7 @@ def groups_in(o, G, spec, xcat, xinfo):
 def wo_b_in(z, qblock, spec, xcat, xinfo):
     """z = bf16(wo_a output) [G*Lo], quantized and prepared for wo_b."""
     zz = z.reshape(1, -1).copy()
-    _bf16_all(zz)
+    bf16_inplace(zz.reshape(-1))
     quant_row(zz[0], zz[0], qblock)
     prep_row(zz, spec, xcat[0], xinfo[0])
 
@@ -111,7 +105,7 @@ def residual_out(a, X, post, comb, X_out, spec, xcat, xinfo):
     """X_out = hc_post(bf16(a), X) and, when spec is given (format index >= 0), X_out
     prepared for the next mix."""
     aa = a.reshape(1, -1).copy()
-    _bf16_all(aa)
+    bf16_inplace(aa.reshape(-1))
     hc_post_rows_serial(aa, X, post, comb, True, X_out)
     if spec[0] >= 0:
         prep_row(X_out.reshape(1, -1), spec, xcat[0], xinfo[0])

@@ -202,16 +202,47 @@ def rmsnorm_rows(x, weight, eps, rnd_in, rnd_out, out):
             out[s, j] = _rnd(weight[j] * (_rnd(x[s, j], rnd_in) * r), rnd_out)
 
 
+@njit(inline="always")
+def head_norm_vec(v, eps, rnd):
+    """In place: one head vector v [D] divided by its rms (no weight)."""
+    ms = sumsq(v, False)
+    r = F32(1.0 / np.sqrt(np.float64(F32(ms / v.shape[0])) + F32(eps)))
+    for j in range(v.shape[0]):
+        v[j] = _rnd(v[j] * r, rnd)
+
+
 @njit(**_OPTS)
 def head_norm_rows(q, eps, rnd):
     """In place: each head vector of q [S, H, D] divided by its rms (no weight)."""
-    S, H, D = q.shape
+    S, H = q.shape[0], q.shape[1]
     for s in range(S):
         for h in range(H):
-            ms = sumsq(q[s, h], False)
-            r = F32(1.0 / np.sqrt(np.float64(F32(ms / D)) + F32(eps)))
-            for j in range(D):
-                q[s, h, j] = _rnd(q[s, h, j] * r, rnd)
+            head_norm_vec(q[s, h], eps, rnd)
+
+
+@njit(inline="always")
+def rope_angles(p, freqs, inverse, cos, sin):
+    """cos, sin [len(freqs)] of the angles fp32(p) * freqs (float64 cos / sin rounded to
+    float32, as Rope.cos_sin); sin negated for the inverse rotation."""
+    pf = F32(p)
+    for i in range(freqs.shape[0]):
+        ang = np.float64(F32(pf * freqs[i]))
+        cos[i] = F32(math.cos(ang))
+        sin[i] = -F32(math.sin(ang)) if inverse else F32(math.sin(ang))
+
+
+@njit(inline="always")
+def rope_vec(v, cos, sin, rnd):
+    """In place on one vector v [D]: the last 2*len(cos) dims rotated pairwise, the others
+    only rounded (as the reference does)."""
+    base = v.shape[0] - 2 * cos.shape[0]
+    for j in range(base):
+        v[j] = _rnd(v[j], rnd)
+    for i in range(cos.shape[0]):
+        a = v[base + 2 * i]
+        b = v[base + 2 * i + 1]
+        v[base + 2 * i] = _rnd(a * cos[i] - b * sin[i], rnd)
+        v[base + 2 * i + 1] = _rnd(a * sin[i] + b * cos[i], rnd)
 
 
 @njit(**_OPTS)
@@ -219,25 +250,13 @@ def rope_rows(x, positions, freqs, inverse, rnd):
     """In place on the last 2*len(freqs) dims of x [S, H, D]: rotate pairs by the angles
     fp32(positions[s]) * freqs (cos and sin in float64, rounded to float32, as Rope.cos_sin);
     the other dims are only rounded (as the reference does)."""
-    S, H, D = x.shape
-    half = freqs.shape[0]
-    base = D - 2 * half
-    cos = np.empty(half, F32)
-    sin = np.empty(half, F32)
+    S, H = x.shape[0], x.shape[1]
+    cos = np.empty(freqs.shape[0], F32)
+    sin = np.empty(freqs.shape[0], F32)
     for s in range(S):
-        p = F32(positions[s])
-        for i in range(half):
-            ang = np.float64(F32(p * freqs[i]))
-            cos[i] = F32(math.cos(ang))
-            sin[i] = -F32(math.sin(ang)) if inverse else F32(math.sin(ang))
+        rope_angles(positions[s], freqs, inverse, cos, sin)
         for h in range(H):
-            for j in range(base):
-                x[s, h, j] = _rnd(x[s, h, j], rnd)
-            for i in range(half):
-                a = x[s, h, base + 2 * i]
-                b = x[s, h, base + 2 * i + 1]
-                x[s, h, base + 2 * i] = _rnd(a * cos[i] - b * sin[i], rnd)
-                x[s, h, base + 2 * i + 1] = _rnd(a * sin[i] + b * cos[i], rnd)
+            rope_vec(x[s, h], cos, sin, rnd)
 
 
 @njit(**_OPTS)
