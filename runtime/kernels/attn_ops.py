@@ -66,12 +66,14 @@ class AttnOps:
             plan.w = w
         return plan
 
-    def _attn_scratch(self, rows: int, cols: int) -> np.ndarray:
-        """An aligned float32 [rows, cols] key buffer reused across layers and tokens."""
-        buf = self.__dict__.get("_attn_keys")
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
-            grown = 2 * buf.shape[0] if buf is not None and buf.shape[1] == cols else 0
-            buf = self._attn_keys = aligned_empty((max(rows, grown), cols))
+    def _attn_buffer(self, name: str, shape: tuple) -> np.ndarray:
+        """An aligned float32 buffer of at least shape[0] rows of shape[1:], reused across
+        layers and tokens (fresh pages cost page faults)."""
+        bufs = self.__dict__.setdefault("_attn_bufs", {})
+        buf, tail = bufs.get(name), tuple(shape[1:])
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != tail:
+            grown = 2 * buf.shape[0] if buf is not None and buf.shape[1:] == tail else 0
+            buf = bufs[name] = aligned_empty((max(shape[0], grown),) + tail)
         return buf
 
     def _compiled_attend(self, lc, S: int) -> bool:
@@ -114,8 +116,8 @@ class AttnOps:
             index_st = plan.no_state
         hb = max(2, H // (2 * numba.get_num_threads()))        # as attn.sparse_attn for S = 1
         hb = min(hb + (hb % 2), H) if hb < H else H
-        keys_buf = self._attn_scratch(cfg.window + n_sel, D)
-        q, out = aligned_empty((1, H, D)), aligned_empty((1, H, D))
+        keys_buf = self._attn_buffer("keys", (cfg.window + n_sel, D))
+        q, out = self._attn_buffer("q", (1, H, D)), aligned_empty((1, H, D))   # out is returned
         n_comp = attn_step.attend_one(
             int(p0), cfg.window, m, cfg.norm_eps, cfg.head_dim ** -0.5, hb, plan.freqs,
             plan.sink, plan.kv_norm, _flat(qs[0]), _flat(proj[0]), (u, g), plan.comp_w, comp_st,
