@@ -87,6 +87,32 @@ def test_batched_memmapped(variant, fmt, tmp_path, rng):
         assert worst(part, probs[m][2], xs[i]) <= TOL
 
 
+@pytest.mark.parametrize("total,nthreads", [(0, 2), (1, 2), (7, 2), (1600, 2), (5000, 1), (300, 16)])
+def test_guided_chunks_cover_units(total, nthreads):
+    b = gemv.guided_chunks(total, nthreads)
+    size = np.diff(b)
+    assert b[0] == 0 and b[-1] == total and np.all(size >= 1) and np.all(size <= gemv.CHUNK_MAX)
+    assert np.all(np.diff(size) <= 0)                                # largest first
+    assert np.all(size[:-1] <= (total - b[:-2]) // (gemv.GUIDE * nthreads) + 1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunks_span_jobs(variant, rng, monkeypatch):
+    """One-row units: a region of 40 jobs hands out chunks of up to CHUNK_MAX units that
+    run across job boundaries; every job's rows still come out right and in place."""
+    monkeypatch.setattr(gemv, "UNIT_BYTES", 1)
+    probs = [problem("fp4", rng, O, 64) for O in rng.integers(1, 90, 8)]
+    table = gemv.MatTable("fp4", [W for W, _, _ in probs], [S for _, S, _ in probs])
+    x = _x("quantized", 64, rng)
+    k = gemv.Kernels(variant)
+    mats = rng.integers(0, len(probs), 40)
+    assert table.out_features[mats].sum() > 4 * gemv.CHUNK_MAX
+    y = k.gemv_batch(table, mats, k.prepare_x("fp4", x))
+    parts = np.split(y, np.cumsum(table.out_features[mats])[:-1])
+    for m, part in zip(mats, parts):
+        assert worst(part, probs[m][2], x) <= TOL
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mixed_formats_one_region(variant, rng):
     """gemv_mixed: jobs of all four formats (each with its own prepared x, of different

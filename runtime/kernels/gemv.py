@@ -32,14 +32,15 @@ from .plain import row_block
 
 FORMATS = ir.FORMATS
 UNIT_BYTES = 32 * 1024        # weight bytes per parallel work unit
-CHUNK_UNITS = 4               # units a thread takes from the shared counter at a time
+CHUNK_MAX = 64                # most units a thread takes from the shared counter at a time
+GUIDE = 4                     # a chunk is at most the units left / (GUIDE * threads)
 _WDTYPES = {"fp4": (np.uint8, np.int8), "fp8": (np.uint8,), "bf16": (np.uint16,), "f32": (np.float32,)}
 
 
 @functools.cache
 def _driver(isa: str):
     """The cached, parallel driver of one variant (all formats; see Kernels.gemv_batch)."""
-    ISA, DIGEST, CHUNK_UNITS_ = isa, ir.digest(), CHUNK_UNITS  # noqa: N806 - compile-time constants
+    ISA, DIGEST = isa, ir.digest()  # noqa: N806 - compile-time constants
 
     def drive(addr, dims, xlen, mats, xsel, xp, xinfo, unit_bytes, nthreads, out):
         """addr [n, 2] (weight, scale) uint64; dims [n, 8] (O, K, b0, b1, scols, weight row
@@ -75,15 +76,16 @@ def _driver(isa: str):
         # not hold up the region.
         total = ustart[J]
         nthreads = max(1, min(nthreads, total))
-        chunk = max(1, min(CHUNK_UNITS_, total // (4 * nthreads)))
+        bounds = guided_chunks(total, nthreads)
+        nchunks = bounds.shape[0] - 1
         counter = np.zeros(16, np.int64)                  # own cache line
         for _t in prange(nthreads):
             j = 0
             while True:
-                u0 = fetch_add(counter, 0, chunk)
-                if u0 >= total:
+                c = fetch_add(counter, 0, 1)
+                if c >= nchunks:
                     break
-                for u in range(u0, min(u0 + chunk, total)):
+                for u in range(bounds[c], bounds[c + 1]):
                     while ustart[j + 1] <= u:             # a thread's units only increase
                         j += 1
                     m = mats[j]
@@ -108,6 +110,23 @@ def _driver(isa: str):
     # processes can carry the same symbol names and clash when loaded into one process.
     drive.__name__ = drive.__qualname__ = f"gemv_driver_{isa}"
     return njit(cache=True, parallel=True, boundscheck=False)(drive)
+
+
+@njit(cache=True, boundscheck=False)
+def guided_chunks(total, nthreads):
+    """Chunk boundaries over `total` units, largest first: each chunk is the units left /
+    (GUIDE * nthreads), at most CHUNK_MAX and at least 1. Long chunks keep a thread on one
+    contiguous stretch of weights (each new stretch starts before its software prefetch
+    and with the hardware prefetcher cold: 32 KB chunks streamed ~20% slower than 2 MB
+    ones); the short ones at the end even out the threads' finishing times."""
+    bounds = np.empty(total + 1, np.int64)
+    bounds[0] = 0
+    n, start = 0, 0
+    while start < total:
+        start += min(CHUNK_MAX, max(1, (total - start) // (GUIDE * nthreads)))
+        n += 1
+        bounds[n] = start
+    return bounds[:n + 1]
 
 
 class XPrep(NamedTuple):
