@@ -82,12 +82,13 @@ def _cache_arrays(cache):
     return out
 
 
-def _run_flag(folder, num, flag: str, value: bool, sizes, seed: int, variant: str | None = None):
+def _run_flag(folder, num, flag: str, value: bool, sizes, seed: int, variant: str | None = None, **flags):
     """Logits, cache arrays and last hidden state of a fresh fast model with the backend
-    attribute `flag` set to `value` (and the gemv kernels of `variant`), fed random ids in
-    chunks of `sizes`."""
+    attribute `flag` set to `value` (and any further `flags`; the gemv kernels of
+    `variant`), fed random ids in chunks of `sizes`."""
     model = Model.load(folder, num, backend="fast")
-    setattr(model.be, flag, value)
+    for name, v in {flag: value, **flags}.items():
+        setattr(model.be, name, v)
     if variant is not None:
         from dsv4.runtime.kernels import gemv
         model.be.k, model.be.bf16_gemm = gemv.Kernels(variant), False
@@ -126,7 +127,7 @@ def test_compiled_attention_step_matches_python_path(request, which, revision, m
     monkeypatch.setattr(attn_ops.attn_step, "attend_one", spy)
     sizes = [5] + [1] * 120 + [7] + [1] * 140 + [3, 1, 1]
     a = _run_flag(folder, num, "compiled_attention", False, sizes, 11)
-    b = _run_flag(folder, num, "compiled_attention", True, sizes, 11)
+    b = _run_flag(folder, num, "compiled_attention", True, sizes, 11, fused_decode=False)   # calls from Python
     _assert_same_runs(a, b)
     model = b[3]
     if revision == "initial":
@@ -157,7 +158,7 @@ def test_compiled_decode_block_matches_per_op_path(request, which, revision, mon
     monkeypatch.setattr(decode_ops.decode_step, "block_in", spy)
     sizes = [6] + [1] * 60 + [9] + [1] * 80
     a = _run_flag(folder, num, "compiled_decode", False, sizes, 12)
-    b = _run_flag(folder, num, "compiled_decode", True, sizes, 12)
+    b = _run_flag(folder, num, "compiled_decode", True, sizes, 12, fused_decode=False)
     _assert_same_runs(a, b)
     model = b[3]
     steps = sum(1 for n in sizes if n == 1)
@@ -165,7 +166,56 @@ def test_compiled_decode_block_matches_per_op_path(request, which, revision, mon
         assert len(calls) == (steps * model.cfg.n_layers if revision == "current" else 0)
 
 
-def test_compiled_decode_block_avx2_kernels(tiny_dir):
+def _spy_fused(monkeypatch, status=None):
+    """Count the calls of the compiled block (decode_layer.layer_step's function); with
+    `status`, report that status instead of the real one (after the real call)."""
+    from dsv4.runtime.kernels import decode_ops
+    calls = []
+    make = decode_ops.decode_layer.layer_step
+
+    def spy_make(isa):
+        fn = make(isa)
+
+        def spy(*a):
+            calls.append(isa)
+            n_comp, st = fn(*a)
+            return n_comp, st if status is None else status
+        return spy
+    monkeypatch.setattr(decode_ops.decode_layer, "layer_step", spy_make)
+    return calls
+
+
+@pytest.mark.parametrize("which", ["tiny_dir", "odd_dir"])
+def test_fused_decode_block_matches_region_calls(request, which, monkeypatch):
+    """The decoded block in one compiled call (decode_layer.py) is bit-identical to the
+    same sequence called from Python, and runs for every layer of every decode step."""
+    folder = request.getfixturevalue(which)
+    num = Numerics()
+    calls = _spy_fused(monkeypatch)
+    sizes = [6] + [1] * 60 + [9] + [1] * 80
+    a = _run_flag(folder, num, "fused_decode", False, sizes, 14)
+    assert not calls
+    b = _run_flag(folder, num, "fused_decode", True, sizes, 14)
+    _assert_same_runs(a, b)
+    model = b[3]
+    if model.be.k.variant in ("avx512", "avx2"):
+        assert len(calls) == sum(1 for n in sizes if n == 1) * model.cfg.n_layers
+
+
+def test_fused_decode_moe_fallback(tiny_dir, monkeypatch):
+    """When the compiled block reports that its MoE step did not apply, the backend
+    finishes the layer with the general MoE path from the block's buffers: same bits."""
+    num = Numerics()
+    sizes = [4] + [1] * 12
+    a = _run_flag(tiny_dir, num, "fused_decode", True, sizes, 15)
+    from dsv4.runtime.kernels import decode_layer
+    calls = _spy_fused(monkeypatch, decode_layer.MOE_FALLBACK)
+    b = _run_flag(tiny_dir, num, "fused_decode", True, sizes, 15)
+    _assert_same_runs(a, b)
+    assert calls or b[3].be.k.variant not in ("avx512", "avx2")
+
+
+def test_compiled_decode_block_avx2_kernels(tiny_dir, monkeypatch):
     """The compiled decode block with the AVX2 gemv kernels (their x layouts) is
     bit-identical to the per-operation path with the same kernels."""
     from dsv4.runtime.kernels import cpu
@@ -174,7 +224,11 @@ def test_compiled_decode_block_avx2_kernels(tiny_dir):
     num = Numerics()
     sizes = [5] + [1] * 40 + [3] + [1] * 20
     a = _run_flag(tiny_dir, num, "compiled_decode", False, sizes, 13, "avx2")
-    b = _run_flag(tiny_dir, num, "compiled_decode", True, sizes, 13, "avx2")
+    b = _run_flag(tiny_dir, num, "compiled_decode", True, sizes, 13, "avx2", fused_decode=False)
     _assert_same_runs(a, b)
     plans = b[3].be.__dict__.get("_decode_plans", {}).values()
     assert plans and all(plan is not None for _, plan in plans)   # the compiled block ran
+    calls = _spy_fused(monkeypatch)
+    c = _run_flag(tiny_dir, num, "compiled_decode", True, sizes, 13, "avx2")
+    _assert_same_runs(a, c)
+    assert calls and set(calls) == {"avx2"}

@@ -19,8 +19,11 @@ from .attn import aligned_empty
 _E1 = np.empty(0, F32)
 
 
-def _f32(x) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=F32)
+def writable_f32(x) -> np.ndarray:
+    """A contiguous, writable float32 array of x's values (a copy of read-only mapped
+    weights: one argument type for every layer, so the compiled step is compiled once)."""
+    a = np.ascontiguousarray(x, dtype=F32)
+    return a if a.flags.writeable else a.copy()
 
 
 def _flat(x) -> np.ndarray:
@@ -33,14 +36,15 @@ class _Plan:
     def __init__(self, cfg, layer, w, rope):
         m = cfg.ratio(layer)
         self.ratio = m
-        self.freqs = _f32(rope.freqs)
-        self.sink = _f32(w.sink).reshape(-1)
-        self.kv_norm = _f32(w.kv_norm)
+        self.freqs = writable_f32(rope.freqs)
+        self.sink = writable_f32(w.sink).reshape(-1)
+        self.kv_norm = writable_f32(w.kv_norm)
         c = w.compressor
-        self.comp_w = (_f32(c.norm), _f32(c.ape)) if c is not None else (_E1, np.zeros((0, 1), F32))
+        self.comp_w = ((writable_f32(c.norm), writable_f32(c.ape)) if c is not None
+                       else (_E1, np.zeros((0, 1), F32)))
         ix = w.indexer
         if ix is not None:
-            self.index_w = (_f32(ix.compressor.norm), _f32(ix.compressor.ape))
+            self.index_w = (writable_f32(ix.compressor.norm), writable_f32(ix.compressor.ape))
             self.wscale = F32(cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
         else:
             self.index_w = (_E1, np.zeros((0, 1), F32))
@@ -87,42 +91,54 @@ class AttnOps:
         keys = lc.index_keys
         return keys is None or (isinstance(keys, Fp4KeyStore) and keys.block == INDEX_FP4_BLOCK)
 
-    def attend(self, cfg, layer, w, lc, p0, qs, proj, rope):
-        plan = self._attn_plan(cfg, layer, w, rope)
-        if not (self.compiled_attention and plan.ok and self._compiled_attend(lc, qs[0].shape[0])):
-            return super().attend(cfg, layer, w, lc, p0, qs, proj, rope)
+    def _step(self, cfg, plan, w, lc, p0, out=None):
+        """attend_one's arguments besides the token's vectors (see attn_step.attend_one), in
+        its order: p, window, ratio, eps, scale, hb, freqs, sink, kv_norm, comp_w, comp_st,
+        indexer keys (packed, exps), index_w, index_st, wscale, topk, stores, keys, q, out.
+        out: a [1, H, D] float32 result buffer, 64-byte aligned (default: a fresh one)."""
         m, H, D = plan.ratio, cfg.n_heads, cfg.head_dim
         ring = lc.ring
         if m > 0:
-            u, g = _flat(proj[1]), _flat(proj[2])
             stores = (ring.codes, ring.exps, ring.rope, lc.comp.codes, lc.comp.exps, lc.comp.rope)
             st = lc.comp_state
             comp_st = (st.kv, st.score, st.prev_kv, st.prev_score)
             n_sel = cfg.index_topk if m == 4 else (p0 + 1) // m
         else:
-            u = g = _E1
             stores = (ring.codes, ring.exps, ring.rope) + plan.no_store
             comp_st = plan.no_state
             n_sel = 0
         if w.indexer is not None:
-            xqi, xw = _flat(qs[1]), _flat(proj[3])
             keys = lc.index_keys
-            index = (_flat(proj[4]), _flat(proj[5]), keys.packed, keys.exps)
+            ikeys = (keys.packed, keys.exps)
             ist = lc.index_state
             index_st = (ist.kv, ist.score, ist.prev_kv, ist.prev_score)
         else:
-            xqi = xw = _E1
-            index = plan.no_index
+            ikeys = plan.no_index[2:]
             index_st = plan.no_state
         hb = max(2, H // (2 * numba.get_num_threads()))        # as attn.sparse_attn for S = 1
         hb = min(hb + (hb % 2), H) if hb < H else H
         keys_buf = self._attn_buffer("keys", (cfg.window + n_sel, D))
-        q, out = self._attn_buffer("q", (1, H, D)), aligned_empty((1, H, D))   # out is returned
+        q = self._attn_buffer("q", (1, H, D))
+        out = aligned_empty((1, H, D)) if out is None else out
+        return (int(p0), cfg.window, m, cfg.norm_eps, cfg.head_dim ** -0.5, hb, plan.freqs, plan.sink, plan.kv_norm,
+                plan.comp_w, comp_st, ikeys, plan.index_w, index_st, plan.wscale, cfg.index_topk, stores, keys_buf,
+                q, out)
+
+    def attend(self, cfg, layer, w, lc, p0, qs, proj, rope):
+        plan = self._attn_plan(cfg, layer, w, rope)
+        if not (self.compiled_attention and plan.ok and self._compiled_attend(lc, qs[0].shape[0])):
+            return super().attend(cfg, layer, w, lc, p0, qs, proj, rope)
+        (p, window, m, eps, scale, hb, freqs, sink, kv_norm, comp_w, comp_st, ikeys, index_w, index_st, wscale,
+         topk, stores, keys, q, out) = self._step(cfg, plan, w, lc, p0)
+        u, g = (_flat(proj[1]), _flat(proj[2])) if m > 0 else (_E1, _E1)
+        if w.indexer is not None:
+            xqi, xw, index = _flat(qs[1]), _flat(proj[3]), (_flat(proj[4]), _flat(proj[5])) + ikeys
+        else:
+            xqi = xw = _E1
+            index = plan.no_index
         n_comp = attn_step.attend_one(
-            int(p0), cfg.window, m, cfg.norm_eps, cfg.head_dim ** -0.5, hb, plan.freqs,
-            plan.sink, plan.kv_norm, _flat(qs[0]), _flat(proj[0]), (u, g), plan.comp_w, comp_st,
-            xqi, xw, index, plan.index_w, index_st, plan.wscale, cfg.index_topk, stores,
-            keys_buf, q, out)
+            p, window, m, eps, scale, hb, freqs, sink, kv_norm, _flat(qs[0]), _flat(proj[0]), (u, g), comp_w,
+            comp_st, xqi, xw, index, index_w, index_st, wscale, topk, stores, keys, q, out)
         if m > 0:
             lc.n_comp = n_comp
         return out

@@ -70,6 +70,7 @@ class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         self.compiled_moe = True                        # decode MoE via moe_step.py
         self.compiled_attention = True                  # decode attention via attn_step.py
         self.compiled_decode = True                     # decode blocks via decode_ops.py
+        self.fused_decode = True                        # ... in one compiled call (decode_layer.py)
         self.bf16_gemm = self.k.variant == "avx512"     # prefill fp4/fp8 GEMMs via gemm.py
         self._gemm_fits: dict[int, bool] = {}           # weight_key -> scales fit bf16
         self._gemm_checked = False                      # selfcheck.check_gemm ran

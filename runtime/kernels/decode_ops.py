@@ -8,6 +8,11 @@ bit-identical to that path. It applies to decode in the model's default numerics
 avx512 / avx2 kernels, with FP8-quantized attention projections and the MoE and attention
 steps' own conditions; anything else takes block.py's path.
 
+By default (`fused_decode`) the same calls are made from one compiled function per layer
+(decode_layer.py), which removes the Python between them; the sequence here stays as its
+reference and for layers that function does not cover (the MoE outside the compiled step,
+the attention outside attn_step.py).
+
 The per-layer buffers (prepared x rows, region results) are reused by every call, so a
 backend instance runs one forward pass at a time (its dequantization scratch and the
 attention step's key buffer assume the same).
@@ -19,7 +24,9 @@ import numpy as np
 
 from ..linear import LinearW
 from ..nn import F32
-from . import decode_step, gemv, moe_glue, prep
+from . import decode_layer, decode_step, gemv, moe_glue, moe_step, prep
+from .attn import aligned_empty
+from .attn_ops import writable_f32
 from .weight_index import out_features, table_format, weight_key
 
 _NO_SPEC = (np.int64(-1), np.int64(0), np.zeros(0, np.int64), np.zeros(0, np.int64), np.int64(0), F32(0))
@@ -49,6 +56,15 @@ def _spec_len(spec, K: int) -> int:
     return max(idx.size * 3 // 2 if mode == 1 else idx.size, alt.size)
 
 
+def _hash_experts(f, ids, k: int) -> np.ndarray:
+    """A hash layer's expert ids of the token [1, k], checked against the router's size."""
+    hidx = np.ascontiguousarray(f.tid2eid[ids], dtype=np.int64).reshape(1, k)
+    n = f.gate.shape[0]
+    if hidx.min() < 0 or hidx.max() >= n:
+        raise ValueError(f"hash expert ids must lie below {n}")
+    return hidx
+
+
 class _Site:
     """One gemv region of the block: its jobs (rows of the mixed table, x rows), their
     output offsets, the result buffer."""
@@ -70,7 +86,8 @@ class _LayerPlan:
 class DecodeOps:
     """Needs the backend's tables (`where`, `groups`, `mixed`, `k`), `num`, `attend` and
     `_compiled_attend` (attn_ops), `_moe_plan` / `_moe_compiled` / `_moe_decode` (moe_ops),
-    and `self.compiled_decode` (False: block.py's path)."""
+    and `self.compiled_decode` (False: block.py's path), `self.fused_decode` (False: the
+    calls from Python)."""
 
     def _row(self, w) -> int | None:
         loc = self.where.get(weight_key(w))
@@ -141,11 +158,63 @@ class DecodeOps:
                   (p.spec_woa, a.wo_a.in_features), (p.spec_wob, a.wo_b.in_features))
         p.xcat = np.zeros((max(2, G), max(_spec_len(s, K) for s, K in widths)), F32)
         p.xinfo = np.zeros((max(2, G), 3), np.int64)
-        p.norms = tuple(np.ascontiguousarray(x, dtype=F32) for x in (w.attn_norm, a.q_norm, w.ffn_norm))
-        p.bias = np.zeros(f.gate.shape[0], F32) if f.bias is None else np.ascontiguousarray(f.bias, dtype=F32)
+        p.norms = tuple(writable_f32(x) for x in (w.attn_norm, a.q_norm, w.ffn_norm))
+        p.bias = np.zeros(f.gate.shape[0], F32) if f.bias is None else writable_f32(f.bias)
         k, inter = cfg.n_activated_experts, self._moe_plan(f).inter
         p.moe_out = (np.empty(2 * (k + 1) * inter, F32), np.empty((k + 1) * d, F32))   # w1|w3, w2 results
+        p.fused = self._fused_parts(cfg, w, p, b1)
         return p
+
+    def _fused_parts(self, cfg, w, p, b1):
+        """The constant arguments of decode_layer.layer_step for this layer, or None when
+        its MoE does not take the compiled step (moe_ops._moe_compiled's conditions)."""
+        f, mp = w.ffn, self._moe_plan(w.ffn)
+        if mp.fmt != "fp4" or mp.sfmt != "fp8" or not mp.w2_quantized or not f.shared.w1.quantized:
+            return None
+        d, k, v = cfg.dim, cfg.n_activated_experts, self.k.variant
+        H, D = cfg.n_heads, cfg.head_dim
+        limit = cfg.swiglu_limit
+        shared_limit = limit if self.num.shared_clamp else 0.0
+        sites = tuple((s.mats, s.xsel, s.off, s.y) for s in (p.hc_attn, p.proj, p.q, p.wo_a, p.wo_b, p.hc_ffn, p.gate))
+        specs = (p.spec_hc_attn, p.spec_q, p.spec_raw, p.spec_qr, p.spec_woa, p.spec_wob, p.spec_hc_ffn, p.spec_gate,
+                 _NO_SPEC)
+        hca, hcf = w.hc_attn, w.hc_ffn
+        hcp = (writable_f32(hca.base), writable_f32(hca.scale), writable_f32(hcf.base), writable_f32(hcf.scale),
+               cfg.hc_sinkhorn_iters, cfg.hc_eps,
+               cfg.norm_eps, *p.norms, p.qblock, cfg.o_groups)
+        m1, m3, m2, ms1, ms3, ms2 = mp.mixed
+        moe = (p.bias, k, F32(cfg.route_scale), m1, m3, ms1, ms3, m2, ms2, f.shared.w1.block[1],
+               moe_step.x_layout(v, d, b1), moe_step.x_layout(v, mp.inter, b1), mp.inter, F32(limit),
+               F32(shared_limit), mp.w2_block, self._rnd, *p.moe_out)
+        work = (np.empty((1, d), F32), np.empty((1, cfg.hc_mult), F32), np.empty((1, cfg.hc_mult, cfg.hc_mult), F32),
+                np.empty((1, cfg.hc_mult, d), F32), np.empty((1, k), np.int64), np.empty((1, k), F32))
+        return sites, specs, hcp, moe, work, np.zeros((0, k), np.int64), aligned_empty((1, H, D))
+
+    def _fused_block(self, cfg, w, X, ids, p0, lc, rope, p):
+        """The block in one compiled call (decode_layer.py), or None where it does not apply."""
+        a, f = w.attn, w.ffn
+        aplan = self._attn_plan(cfg, w.layer, a, rope)
+        if p.fused is None or not (self.compiled_attention and aplan.ok):
+            return None
+        sites, specs, hcp, moe, work, hidx, o = p.fused
+        X = np.ascontiguousarray(X, dtype=F32)
+        if f.tid2eid is not None:
+            hidx = _hash_experts(f, ids, cfg.n_activated_experts)
+        t = self.mixed
+        table = (t.addr, t.dims, t.xlen(self.k.variant), np.int64(gemv.UNIT_BYTES),
+                 np.int64(numba.config.NUMBA_NUM_THREADS))
+        X3 = np.empty(X.shape, F32)
+        n_comp, status = decode_layer.layer_step(self.k.variant)(
+            X, table, p.xcat, p.xinfo, sites, specs, hcp, self._step(cfg, aplan, a, lc, p0, o), a.indexer is not None,
+            moe, hidx, work, X3)
+        if aplan.ratio > 0:
+            lc.n_comp = n_comp
+        if status != decode_layer.OK:                     # the MoE's general path, then the residual
+            x, post, comb, X2, idx, wts = work
+            limit = cfg.swiglu_limit
+            y = self._moe_decode(x, idx, wts, f, limit, limit if self.num.shared_clamp else 0.0)
+            decode_step.residual_out(y, X2, post, comb, X3, _NO_SPEC, p.xcat, p.xinfo)
+        return X3
 
     def _drive(self, site, xcat, xinfo):
         t = self.mixed
@@ -156,6 +225,10 @@ class DecodeOps:
         plan = self._decode_plan(cfg, w) if self.compiled_decode and X.shape[0] == 1 else None
         if plan is None or not self._compiled_attend(lc, X.shape[0]):
             return super().block(cfg, w, X, ids, p0, lc, rope)
+        if self.fused_decode:
+            out = self._fused_block(cfg, w, X, ids, p0, lc, rope, plan)
+            if out is not None:
+                return out
         a, f, p = w.attn, w.ffn, plan
         hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
         xcat, xinfo = p.xcat, p.xinfo
@@ -186,11 +259,7 @@ class DecodeOps:
                            xcat, xinfo)
         logits = self._drive(p.gate, xcat, xinfo).reshape(1, -1)
         k = cfg.n_activated_experts
-        hidx = np.zeros((0, k), np.int64)
-        if f.tid2eid is not None:
-            hidx = np.ascontiguousarray(f.tid2eid[ids], dtype=np.int64).reshape(1, k)
-            if hidx.min() < 0 or hidx.max() >= logits.shape[1]:
-                raise ValueError(f"hash expert ids must lie below {logits.shape[1]}")
+        hidx = np.zeros((0, k), np.int64) if f.tid2eid is None else _hash_experts(f, ids, k)
         idx, wts = np.empty((1, k), np.int64), np.empty((1, k), F32)
         moe_glue.route_rows(logits, p.bias, hidx, k, F32(cfg.route_scale), idx, wts)
         limit = cfg.swiglu_limit
