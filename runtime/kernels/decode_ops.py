@@ -180,8 +180,7 @@ class DecodeOps:
                  _NO_SPEC)
         hca, hcf = w.hc_attn, w.hc_ffn
         hcp = (writable_f32(hca.base), writable_f32(hca.scale), writable_f32(hcf.base), writable_f32(hcf.scale),
-               cfg.hc_sinkhorn_iters, cfg.hc_eps,
-               cfg.norm_eps, *p.norms, p.qblock, cfg.o_groups)
+               cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps, *p.norms, p.qblock, cfg.o_groups)
         m1, m3, m2, ms1, ms3, ms2 = mp.mixed
         moe = (p.bias, k, F32(cfg.route_scale), m1, m3, ms1, ms3, m2, ms2, f.shared.w1.block[1],
                moe_step.x_layout(v, d, b1), moe_step.x_layout(v, mp.inter, b1), mp.inter, F32(limit),
