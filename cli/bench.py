@@ -73,9 +73,11 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
     """Measure prompt processing (pp) and generation (tg) speed.
 
     tg rows report bytes read per decoded token (weights actually touched plus KV), the
-    effective GB/s and its ratio to the read bandwidth measured with the same thread count
-    just before and after; pp rows report matmul FLOPs per token and the ratio to numpy's
-    float32 GEMM rate measured in the same run. Pages are faulted in first; JIT time apart.
+    effective GB/s and its ratio to the read bandwidth measured with the same thread count;
+    pp rows report matmul FLOPs per token and the ratio to numpy's float32 GEMM rate. The
+    ceiling is measured before every repeat and after the last; each repeat is divided by
+    the two measurements around it, and the ratio column is the mean ± sd of those. Pages
+    are faulted in first; JIT time apart.
     """
     import numba  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415

@@ -3,12 +3,16 @@ measured in the same run — memory read bandwidth for tg, numpy's float32 GEMM 
 
 Per row: tokens/s mean and sd over repeats; for tg the bytes one decode step reads (weights
 actually touched plus KV) and the effective GB/s; for pp the matmul FLOPs per token and the
-effective GFLOP/s. Pages are faulted in before timing; JIT time is reported apart.
+effective GFLOP/s. The ceiling is measured before every repeat and after the last one, and
+each repeat's rate is divided by the mean of the two measurements around it: on a shared
+machine the ceiling can move by half within a row, so pairing each repeat with its own
+neighbourhood gives a truer ratio than the row's endpoints. The ratio is the mean (± sd)
+of those per-repeat ratios. Pages are faulted in before timing; JIT time is reported apart.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -28,10 +32,13 @@ class BenchRow:
     tps_sd: float
     work_per_token: float     # bytes (tg) or FLOPs (pp)
     rate: float               # GB/s (tg) or GFLOP/s (pp) achieved
-    ceiling: float            # GB/s read bandwidth (tg) or numpy sgemm GFLOP/s (pp)
-    ceiling_after: float
-    ratio: float
+    ceiling: float            # GB/s read bandwidth (tg) or numpy sgemm GFLOP/s (pp), first
+    ceiling_after: float      # ... and last measurement
+    ratio: float              # mean over repeats of rate / ceiling around the repeat
     ttft_s: float | None = None
+    ratio_sd: float = 0.0
+    ceilings: list[float] = field(default_factory=list)   # before each repeat, after the last
+    tps: list[float] = field(default_factory=list)        # tokens/s of each repeat
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,40 +141,50 @@ def bench_tg(model: Model, base, n: int, repeats: int) -> list[float]:
     return times
 
 
-def tg_row(model: Model, base, n: int, repeats: int, threads: int, probe, ckpt) -> BenchRow:
-    cfg = model.cfg
-    bw0 = probe.measure()
-    times = bench_tg(model, base, n, repeats)
-    bw1 = probe.measure()
+def paired_ratios(rates: list[float], ceilings: list[float]) -> list[float]:
+    """rates[i] / the mean of ceilings[i] and ceilings[i + 1] (measured right before and
+    right after repeat i)."""
+    if len(ceilings) != len(rates) + 1:
+        raise ValueError("one ceiling before each repeat and one after the last are needed")
+    return [r / ((ceilings[i] + ceilings[i + 1]) / 2) for i, r in enumerate(rates)]
+
+
+def _row(test: str, base, threads: int, n: int, times: list[float], work: float, ceilings: list[float],
+         ttft: float | None = None) -> BenchRow:
+    """A row from per-repeat times (n tokens each), work per token and the ceilings."""
     tps = [n / t for t in times]
     mean, sd = _stats(tps)
+    rmean, rsd = _stats(paired_ratios([work * x / 1e9 for x in tps], ceilings))
+    return BenchRow(test, base.pos, threads, mean, sd, work, work * mean / 1e9, ceilings[0], ceilings[-1],
+                    rmean, ttft_s=ttft, ratio_sd=rsd, ceilings=list(ceilings), tps=tps)
+
+
+def tg_row(model: Model, base, n: int, repeats: int, threads: int, probe, ckpt) -> BenchRow:
+    cfg = model.cfg
+    bws, times = [probe.measure()], []
+    for _ in range(repeats):
+        times += bench_tg(model, base, n, 1)
+        bws.append(probe.measure())
     weights = sum(bytes_per_token(cfg, ckpt).values())
     kv = np.mean([kv_bytes_read(cfg, base.pos + i, model.num.kv_storage) for i in range(n)])
-    per_token = weights + kv
-    rate = per_token * mean / 1e9
-    ceiling = (bw0 + bw1) / 2
-    return BenchRow(f"tg{n}", base.pos, threads, mean, sd, per_token, rate, bw0, bw1,
-                    rate / ceiling)
+    return _row(f"tg{n}", base, threads, n, times, weights + kv, bws)
 
 
 def pp_row(model: Model, base, n: int, repeats: int, threads: int, rng) -> BenchRow:
     cfg = model.cfg
-    g0 = sgemm_gflops()
-    times, ttft = bench_pp(model, base, n, repeats, rng)
-    g1 = sgemm_gflops()
-    tps = [n / t for t in times]
-    mean, sd = _stats(tps)
+    gs, times = [sgemm_gflops()], []
+    for _ in range(repeats):
+        times += bench_pp(model, base, n, 1, rng)[0]
+        gs.append(sgemm_gflops())
     head = 2.0 * cfg.vocab_size * cfg.dim                      # logits of the last position
     flops = np.mean([matmul_flops_per_token(cfg, *attention_keys(cfg, base.pos + i), head=False)
                      for i in range(0, n, max(1, n // 16))]) + head / n
-    rate = flops * mean / 1e9
-    return BenchRow(f"pp{n}", base.pos, threads, mean, sd, flops, rate, g0, g1,
-                    rate / ((g0 + g1) / 2), ttft_s=ttft)
+    return _row(f"pp{n}", base, threads, n, times, flops, gs, ttft=min(times))
 
 
 def format_table(rows: list[BenchRow], jit_s: float) -> str:
     head = (f"{'test':>8} {'depth':>6} {'thr':>3} {'tok/s':>16} {'per token':>11} "
-            f"{'achieved':>12} {'ceiling':>17} {'ratio':>6}")
+            f"{'achieved':>12} {'ceiling':>17} {'ratio':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
         tg = r.test.startswith("tg")
@@ -176,7 +193,8 @@ def format_table(rows: list[BenchRow], jit_s: float) -> str:
         lines.append(f"{r.test:>8} {r.depth:>6} {r.threads:>3} "
                      f"{r.tps_mean:>8.2f} ± {r.tps_sd:<5.2f} {per:>11} "
                      f"{r.rate:>7.2f} {unit} {r.ceiling:>6.1f}/{r.ceiling_after:<5.1f}{unit} "
-                     f"{100 * r.ratio:>5.1f}%")
-    lines.append(f"JIT / kernel compile and first call: {jit_s:.2f} s "
-                 "(ceilings: tg = read bandwidth before/after, pp = numpy sgemm before/after)")
+                     f"{100 * r.ratio:>5.1f}% ± {100 * r.ratio_sd:<4.1f}")
+    lines.append(f"JIT / kernel compile and first call: {jit_s:.2f} s (ceilings: tg = read bandwidth, "
+                 "pp = numpy sgemm, measured before each repeat and after the last, first/last shown; "
+                 "ratio: mean ± sd over repeats of the repeat's rate / the ceilings around it)")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from dsv4.runtime.st_writer import write_safetensors
@@ -195,3 +196,31 @@ def test_threading_modes():
     assert spin["OMP_WAIT_POLICY"] == "active" and "GOMP_SPINCOUNT" not in spin
     with pytest.raises(DsvError, match="--threading"):
         threading_env("fastest")
+
+
+def test_bench_rows_and_record(tiny_dir, tmp_path):
+    """`dsv4 bench`: one pp and one tg row per depth, every ceiling measured (before each
+    repeat and after the last), rates and ratios consistent with the repeats, a record."""
+    from dsv4.runtime.benchmark import paired_ratios
+    rec = tmp_path / "rec.md"
+    r = dsv4("bench", "-m", str(tiny_dir), "-p", "8", "-n", "4", "-r", "2", "-t", "1", "--depth", "0,16",
+             "--json", "--record", str(rec))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)["rows"]
+    assert [(x["test"], x["depth"]) for x in rows] == [("pp8", 0), ("tg4", 0), ("pp8", 16), ("tg4", 16)]
+    for x in rows:
+        assert len(x["ceilings"]) == 3 and all(c > 0 for c in x["ceilings"])
+        assert x["ceiling"] == x["ceilings"][0] and x["ceiling_after"] == x["ceilings"][-1]
+        assert x["rate"] == pytest.approx(x["work_per_token"] * x["tps_mean"] / 1e9)
+        per = paired_ratios([x["work_per_token"] * t / 1e9 for t in x["tps"]], x["ceilings"])
+        assert x["ratio"] == pytest.approx(np.mean(per)) and x["ratio_sd"] == pytest.approx(np.std(per, ddof=1))
+    assert rows[1]["work_per_token"] < rows[3]["work_per_token"]          # more KV read at depth
+    text = rec.read_text()
+    assert "command: `dsv4 bench -m" in text and "tg4" in text and "machine:" in text
+
+
+def test_paired_ratios():
+    from dsv4.runtime.benchmark import paired_ratios
+    assert paired_ratios([10.0, 30.0], [10.0, 30.0, 30.0]) == [0.5, 1.0]
+    with pytest.raises(ValueError, match="ceiling"):
+        paired_ratios([1.0, 2.0], [1.0, 2.0])
