@@ -3,8 +3,9 @@
 decode_ops.py runs a block as ~15 calls from Python: nine gemv regions, the compiled
 stages between them (decode_step.py), the attention step (attn_step.py) and the MoE step
 (moe_step.py). `layer_step(isa)` makes the same calls, with the same arguments and in the
-same order, from compiled code, so the result is bit-identical (tests compare them) and the
-Python between the calls (~7 ms per token on the benchmark model) is gone.
+same order, from compiled code, so the result is bit-identical (tests compare them) and most
+of the Python between the calls (~7 ms per token on the benchmark model) is gone: what is
+left per layer is assembling the arguments and one dispatch.
 
 The gemv driver is a parallel Numba function made per kernel variant (gemv._driver);
 `drive_region` resolves to it at compile time from the variant's name, so the compiled
