@@ -115,30 +115,24 @@ def fill_context(model: Model, depth: int, capacity: int, rng, chunk: int = 512)
     return cache
 
 
-def bench_pp(model: Model, base, n: int, repeats: int, rng) -> tuple[list[float], float]:
-    """Prefill n tokens after the context in `base`; returns (seconds per repeat, ttft)."""
-    times = []
-    for _ in range(repeats):
-        cache = base.clone()
-        ids = rng.integers(0, model.cfg.vocab_size, n)
-        t = time.perf_counter()
-        logits = model.forward(ids, cache, last_only=True)
-        int(np.argmax(logits[-1]))
-        times.append(time.perf_counter() - t)
-    return times, min(times)
+def time_pp(model: Model, base, n: int, rng) -> float:
+    """Seconds to prefill n random tokens after the context in `base` (a clone of it)."""
+    cache = base.clone()
+    ids = rng.integers(0, model.cfg.vocab_size, n)
+    t = time.perf_counter()
+    logits = model.forward(ids, cache, last_only=True)
+    int(np.argmax(logits[-1]))
+    return time.perf_counter() - t
 
 
-def bench_tg(model: Model, base, n: int, repeats: int) -> list[float]:
-    """Greedy-decode n tokens after the context in `base`; seconds per repeat."""
-    times = []
-    for _ in range(repeats):
-        cache = base.clone()
-        tok = 1 + cache.pos % (model.cfg.vocab_size - 1)
-        t = time.perf_counter()
-        for _ in range(n):
-            tok = int(np.argmax(model.forward([tok], cache, last_only=True)[-1]))
-        times.append(time.perf_counter() - t)
-    return times
+def time_tg(model: Model, base, n: int) -> float:
+    """Seconds to greedy-decode n tokens after the context in `base` (a clone of it)."""
+    cache = base.clone()
+    tok = 1 + cache.pos % (model.cfg.vocab_size - 1)
+    t = time.perf_counter()
+    for _ in range(n):
+        tok = int(np.argmax(model.forward([tok], cache, last_only=True)[-1]))
+    return time.perf_counter() - t
 
 
 def paired_ratios(rates: list[float], ceilings: list[float]) -> list[float]:
@@ -163,7 +157,7 @@ def tg_row(model: Model, base, n: int, repeats: int, threads: int, probe, ckpt) 
     cfg = model.cfg
     bws, times = [probe.measure()], []
     for _ in range(repeats):
-        times += bench_tg(model, base, n, 1)
+        times.append(time_tg(model, base, n))
         bws.append(probe.measure())
     weights = sum(bytes_per_token(cfg, ckpt).values())
     kv = np.mean([kv_bytes_read(cfg, base.pos + i, model.num.kv_storage) for i in range(n)])
@@ -174,7 +168,7 @@ def pp_row(model: Model, base, n: int, repeats: int, threads: int, rng) -> Bench
     cfg = model.cfg
     gs, times = [sgemm_gflops()], []
     for _ in range(repeats):
-        times += bench_pp(model, base, n, 1, rng)[0]
+        times.append(time_pp(model, base, n, rng))
         gs.append(sgemm_gflops())
     head = 2.0 * cfg.vocab_size * cfg.dim                      # logits of the last position
     flops = np.mean([matmul_flops_per_token(cfg, *attention_keys(cfg, base.pos + i), head=False)

@@ -165,6 +165,11 @@ class DecodeOps:
         p.fused = self._fused_parts(cfg, w, p, b1)
         return p
 
+    def _limits(self, cfg) -> tuple[float, float]:
+        """SwiGLU clamps (routed experts, shared expert; 0 = none) in these numerics."""
+        limit = cfg.swiglu_limit
+        return limit, (limit if self.num.shared_clamp else 0.0)
+
     def _fused_parts(self, cfg, w, p, b1):
         """The constant arguments of decode_layer.layer_step for this layer, or None when
         its MoE does not take the compiled step (moe_ops._moe_compiled's conditions)."""
@@ -173,8 +178,7 @@ class DecodeOps:
             return None
         d, k, v = cfg.dim, cfg.n_activated_experts, self.k.variant
         H, D = cfg.n_heads, cfg.head_dim
-        limit = cfg.swiglu_limit
-        shared_limit = limit if self.num.shared_clamp else 0.0
+        limit, shared_limit = self._limits(cfg)
         sites = tuple((s.mats, s.xsel, s.off, s.y) for s in (p.hc_attn, p.proj, p.q, p.wo_a, p.wo_b, p.hc_ffn, p.gate))
         specs = (p.spec_hc_attn, p.spec_q, p.spec_raw, p.spec_qr, p.spec_woa, p.spec_wob, p.spec_hc_ffn, p.spec_gate,
                  _NO_SPEC)
@@ -210,8 +214,7 @@ class DecodeOps:
             lc.n_comp = n_comp
         if status != decode_layer.OK:                     # the MoE's general path, then the residual
             x, post, comb, X2, idx, wts = work
-            limit = cfg.swiglu_limit
-            y = self._moe_decode(x, idx, wts, f, limit, limit if self.num.shared_clamp else 0.0)
+            y = self._moe_decode(x, idx, wts, f, *self._limits(cfg))
             decode_step.residual_out(y, X2, post, comb, X3, _NO_SPEC, p.xcat, p.xinfo)
         return X3
 
@@ -261,8 +264,7 @@ class DecodeOps:
         hidx = np.zeros((0, k), np.int64) if f.tid2eid is None else _hash_experts(f, ids, k)
         idx, wts = np.empty((1, k), np.int64), np.empty((1, k), F32)
         moe_glue.route_rows(logits, p.bias, hidx, k, F32(cfg.route_scale), idx, wts)
-        limit = cfg.swiglu_limit
-        shared_limit = limit if self.num.shared_clamp else 0.0
+        limit, shared_limit = self._limits(cfg)
         y = self._moe_compiled(x, idx, wts, f, self._moe_plan(f), limit, shared_limit, p.moe_out)
         if y is None:
             y = self._moe_decode(x, idx, wts, f, limit, shared_limit)
