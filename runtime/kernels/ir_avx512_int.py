@@ -3,10 +3,10 @@
 When every 32-group of x is c * 2^E with integers |c| < 2^24 (always true for e4m3-quantized
 activations), x is given as the bytes of |c| and its signs. The signs are XOR-ed into the
 weight nibbles' sign bits, vpermb maps nibbles to int8 2*e2m1, and vpdpbusd forms
-sum(int8 * byte) per byte plane; planes are combined in int32, converted once per 4 groups
-and multiplied by 2^(s-127) * 2^(E-1). Blocks whose |c| fit 16 bits (~95% for real
-activations) are listed first by the x layout and done with two planes instead of three,
-in a separate loop (no per-block branch). Two rows are processed together so the x loads
+sum(int8 * byte) per byte plane; planes are combined in int32 (Horner: shift, then the next
+plane's vpdpbusd on top), converted once per 4 groups and multiplied by 2^(s-127) * 2^(E-1).
+Blocks whose |c| fit 16 bits (~95% for real activations) are listed first by the x layout
+and done with two planes instead of three, in a separate loop (no per-block branch). Two rows are processed together so the x loads
 are shared (with software prefetch: two interleaved row streams defeat the hardware
 prefetcher). The per-lane scale is built by adding s << 23 to the x factor's exponent when
 the row's e8m0 bytes and the x exponents keep that in the normal range (checked per row);
@@ -43,15 +43,13 @@ def _fp4_int_blocks(f: Fn, ws, xb, svs, accs, planes: int, mask=None):
         # the other nibble's bits 4-5 need no masking
         wv = [f(f"call <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8> {tbl}, <64 x i8> {n})") for n in (p, hi)]
         wv = [f(f"bitcast <64 x i8> {v} to <16 x i32>") for v in wv]
-        t = None
-        for d in range(planes):
-            a = "zeroinitializer"
+        t = "zeroinitializer"            # Horner over the planes: (sum_2 * 256 + sum_1) * 256 + sum_0
+        for d in reversed(range(planes)):
+            if d < planes - 1:
+                t = f(f"shl <16 x i32> {t}, {splat('i32', 16, 8)}")
             for h in range(2):
-                a = f(f"call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> {a}, <16 x i32> {digits[d][h]}, "
+                t = f(f"call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> {t}, <16 x i32> {digits[d][h]}, "
                       f"<16 x i32> {wv[h]})")
-            if d:
-                a = f(f"shl <16 x i32> {a}, {splat('i32', 16, 8 * d)}")
-            t = a if t is None else f(f"add <16 x i32> {t}, {a}")
         out.append(f(f"call {Z} @llvm.fma.v16f32({Z} {f(f'sitofp <16 x i32> {t} to {Z}')}, {Z} {sv}, {Z} {acc})"))
     return out
 
@@ -134,23 +132,21 @@ def _fp4_int_rows(nr: int, fast: bool) -> str:
 
 
 def _scale_range() -> str:
-    """i1 @avx512_e8m0_in(ptr s, i64 n, i8 lo, i8 span): every byte b has 0 <= b - lo <= span."""
+    """i1 @avx512_e8m0_in(ptr s, i64 n, i8 lo, i8 span): every byte b has 0 <= b - lo <= span.
+    The largest b - lo (unsigned, wrapping) over full 64-byte chunks, then the masked tail."""
     f = Fn("define internal i1 @avx512_e8m0_in(ptr %s, i64 %n, i8 %lo, i8 %span) alwaysinline")
+    V = "<64 x i8>"
     lo = f.splat("i8", 64, "%lo")
-    span = f.splat("i8", 64, "%span")
 
     def step(f, c, acc):
-        off = f(f"shl i64 {c}, 6")
-        left = f(f"sub i64 %n, {off}")
-        m = mask_first(f, 64, f(f"select i1 {f(f'icmp slt i64 {left}, 64')}, i64 {left}, i64 64"))
-        b = f(f"call <64 x i8> @llvm.masked.load.v64i8.p0(ptr {f.gep('i8', '%s', off)}, i32 1, <64 x i1> {m}, "
-              f"<64 x i8> {lo})")
-        d = f(f"sub <64 x i8> {b}, {lo}")
-        return [f(f"or <64 x i1> {acc[0]}, {f(f'icmp ugt <64 x i8> {d}, {span}')}")]
-    nch = f("lshr i64 " + f("add i64 %n, 63") + ", 6")
-    (acc,) = counted_loop(f, nch, step, [("<64 x i1>", "zeroinitializer")], "e")
-    bad = f(f"call i1 @llvm.vector.reduce.or.v64i1(<64 x i1> {acc})")
-    f.put(f"ret i1 {f(f'xor i1 {bad}, true')}")
+        b = f(f"load {V}, ptr {f.gep('i8', '%s', f(f'shl i64 {c}, 6'))}, align 1")
+        return [f(f"call {V} @llvm.umax.v64i8({V} {acc[0]}, {V} {f(f'sub {V} {b}, {lo}')})")]
+    (acc,) = counted_loop(f, f("lshr i64 %n, 6"), step, [(V, "zeroinitializer")], "e")
+    off = f("and i64 %n, -64")
+    tail = f.masked_load(V, f.gep("i8", "%s", off), mask_first(f, 64, f("and i64 %n, 63")), lo)
+    acc = f(f"call {V} @llvm.umax.v64i8({V} {acc}, {V} {f(f'sub {V} {tail}, {lo}')})")
+    top = f(f"call i8 @llvm.vector.reduce.umax.v64i8({V} {acc})")
+    f.put(f"ret i1 {f('icmp ule i8 ' + top + ', %span')}")
     return f.end()
 
 
