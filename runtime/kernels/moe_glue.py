@@ -112,12 +112,11 @@ def combine_rows(y, yoff, order, shared_job, rnd, out):
     S, k = order.shape
     d = out.shape[1]
     for s in range(S):
+        o_s = out[s]
         for i in range(d):
-            out[s, i] = 0.0
-        for t in range(k):
-            o = yoff[order[s, t]]
+            o_s[i] = 0.0
+        for t in range(k + 1):        # the routed jobs in order, then the shared one
+            o = yoff[order[s, t]] if t < k else yoff[shared_job[s]]
+            ys = y[o:o + d]           # a 0-based loop over a slice vectorizes
             for i in range(d):
-                out[s, i] += _rnd(y[o + i], rnd)
-        o = yoff[shared_job[s]]
-        for i in range(d):
-            out[s, i] += _rnd(y[o + i], rnd)
+                o_s[i] += _rnd(ys[i], rnd)
