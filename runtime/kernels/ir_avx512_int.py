@@ -4,9 +4,9 @@ When every 32-group of x is c * 2^E with integers |c| < 2^24 (always true for e4
 activations), x is given as the bytes of |c| and its signs. The signs are XOR-ed into the
 weight nibbles' sign bits, vpermb maps nibbles to int8 2*e2m1, and vpdpbusd forms
 sum(int8 * byte) per byte plane; planes are combined in int32, converted once per 4 groups
-and multiplied by 2^(s-127) * 2^(E-1).
-Blocks whose |c| fit 16 bits (~95% for real activations) are listed first by the x layout
-and done with two planes instead of three, in a separate loop (no per-block branch). Two rows are processed together so the x loads
+and multiplied by 2^(s-127) * 2^(E-1). Blocks whose |c| fit 16 bits (~95% for real
+activations) are listed first by the x layout and done with two planes instead of three,
+in a separate loop (no per-block branch). Two rows are processed together so the x loads
 are shared (with software prefetch: two interleaved row streams defeat the hardware
 prefetcher). The per-lane scale is built by adding s << 23 to the x factor's exponent when
 the row's e8m0 bytes and the x exponents keep that in the normal range (checked per row);
