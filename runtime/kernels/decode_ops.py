@@ -85,9 +85,9 @@ class _LayerPlan:
 
 class DecodeOps:
     """Needs the backend's tables (`where`, `groups`, `mixed`, `k`), `num`, `attend` and
-    `_compiled_attend` (attn_ops), `_moe_plan` / `_moe_compiled` / `_moe_decode` (moe_ops),
-    and `self.compiled_decode` (False: block.py's path), `self.fused_decode` (False: the
-    calls from Python)."""
+    `_compiled_attend` (attn_ops), `_moe_plan` / `_moe_step_applies` / `_moe_compiled` /
+    `_moe_decode` (moe_ops), and `self.compiled_decode` (False: block.py's path),
+    `self.fused_decode` (False: the calls from Python)."""
 
     def _row(self, w) -> int | None:
         loc = self.where.get(weight_key(w))
@@ -172,9 +172,9 @@ class DecodeOps:
 
     def _fused_parts(self, cfg, w, p, b1):
         """The constant arguments of decode_layer.layer_step for this layer, or None when
-        its MoE does not take the compiled step (moe_ops._moe_compiled's conditions)."""
+        its MoE does not take the compiled step (moe_ops._moe_step_applies)."""
         f, mp = w.ffn, self._moe_plan(w.ffn)
-        if mp.fmt != "fp4" or mp.sfmt != "fp8" or not mp.w2_quantized or not f.shared.w1.quantized:
+        if not self._moe_step_applies(f, mp):
             return None
         d, k, v = cfg.dim, cfg.n_activated_experts, self.k.variant
         H, D = cfg.n_heads, cfg.head_dim

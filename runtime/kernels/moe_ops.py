@@ -177,12 +177,17 @@ class MoEOps:
         moe_glue.combine_rows(y, lay.yoff, order, lay.shared_jobs, self._rnd, out)
         return out
 
+    def _moe_step_applies(self, w: MoEW, plan) -> bool:
+        """Whether the compiled MoE step (moe_step.py) covers this layer: avx512 / avx2
+        kernels, quantized activations, FP4 routed and FP8 shared experts."""
+        return (self.k.variant in ("avx512", "avx2") and self.num.quantize_activations and plan.fmt == "fp4"
+                and plan.sfmt == "fp8" and plan.w2_quantized and w.shared.w1.quantized)
+
     def _moe_compiled(self, x, idx, wts, w: MoEW, plan, limit, shared_limit, bufs=None):
         """The step as three compiled calls around its two gemv regions (moe_step.py) where
         it applies, else None. bufs: float32 vectors for the two regions' results (reused
         by the compiled decode block), else fresh ones."""
-        if (self.k.variant not in ("avx512", "avx2") or not self.num.quantize_activations or plan.fmt != "fp4"
-                or plan.sfmt != "fp8" or not plan.w2_quantized or not w.shared.w1.quantized):
+        if not self._moe_step_applies(w, plan):
             return None
         S, k = idx.shape
         d, b1, inter = x.shape[1], self.tables["fp8"].block[1], plan.inter
@@ -195,8 +200,7 @@ class MoEOps:
             return None
         n = S * k + S
         fits = bufs is not None and bufs[0].size == 2 * n * inter and bufs[1].size == n * d
-        gu, y = bufs if fits else (
-            np.empty(2 * n * inter, F32), np.empty(n * d, F32))
+        gu, y = bufs if fits else (np.empty(2 * n * inter, F32), np.empty(n * d, F32))
         self.k.drive_rows(self.mixed, mats, xsel, xp, info, gu)
         ok, xp, info, mats, xsel = moe_step.stage2(
             gu, idx, np.ascontiguousarray(wts, dtype=F32), m2, ms2, inter, F32(limit),
