@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import CheckpointError
+from .pages import advise_huge
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
@@ -204,10 +205,14 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
     def buffer(self) -> np.ndarray:
-        """The whole file as a read-only uint8 memmap, opened once."""
+        """The whole file as a read-only uint8 array over a shared mapping, opened once and
+        advised for 2 MB pages (pages.advise_huge)."""
         with self._lock:
             if self._buf is None:
-                self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+                with open(self.path, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                advise_huge(mm)
+                self._buf = np.frombuffer(mm, dtype=np.uint8)
             return self._buf
 
     def tensor(self, name: str) -> np.ndarray:

@@ -204,9 +204,15 @@ def test_bench_rows_and_record(tiny_dir, tmp_path):
     from dsv4.runtime.benchmark import paired_ratios
     rec = tmp_path / "rec.md"
     r = dsv4("bench", "-m", str(tiny_dir), "-p", "8", "-n", "4", "-r", "2", "-t", "1", "--depth", "0,16",
-             "--json", "--record", str(rec))
+             "--json", "--record", str(rec), "--reload-pages")
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(r.stdout)["rows"]
+    out = json.loads(r.stdout)
+    rows = out["rows"]
+    if out["weight_pages"] is not None:                  # Linux: resident weights, and on 2 MB pages
+        shards = sum(f.stat().st_size for f in tiny_dir.glob("*.safetensors"))
+        assert 0 < out["weight_pages"]["resident_bytes"] <= shards + (64 << 10)
+        assert 0 <= out["weight_pages"]["huge_bytes"] <= out["weight_pages"]["resident_bytes"]
+        assert "on 2 MB pages" in r.stderr
     assert [(x["test"], x["depth"]) for x in rows] == [("pp8", 0), ("tg4", 0), ("pp8", 16), ("tg4", 16)]
     for x in rows:
         assert len(x["ceilings"]) == 3 and all(c > 0 for c in x["ceilings"])
