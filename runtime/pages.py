@@ -1,8 +1,7 @@
 """Page sizes of the memory-mapped weights (Linux; elsewhere these are no-ops).
 
-Decode streams every weight once per token. On 4 KB pages that is a TLB miss and a restart
-of the hardware prefetcher (which stops at page boundaries) every 4 KB; on 2 MB pages
-neither. Linux maps a file with 2 MB pages when the page cache holds the file in 2 MB
+Decode streams every weight once per token. On 4 KB pages that is a TLB miss (a page walk,
+its entries often evicted by the stream itself) every 4 KB; on 2 MB pages one per 2 MB. Linux maps a file with 2 MB pages when the page cache holds the file in 2 MB
 folios (filesystems with large-folio support: ext4 from 6.16, xfs) and the mapping asks
 for them: with MADV_HUGEPAGE, a page fault on uncached data reads it ahead as a 2 MB folio.
 Data already cached in small folios stays small until it leaves the page cache, which
