@@ -11,21 +11,19 @@ The gemv driver is a parallel Numba function made per kernel variant (gemv._driv
 `drive_region` resolves to it at compile time from the variant's name, so the compiled
 block holds no Python object and is cached on disk like the driver. Numba checks only
 this file's time stamp for the cache, while the block links the code of every kernel
-module it calls: `_digest()` of their sources is a closure constant of the compiled
-function, which keys its cache, so an edit anywhere in the kernels compiles it anew.
+module it calls: the digest of their sources (sources.py) is a closure constant of the
+compiled function, which keys its cache, so an edit anywhere in the kernels compiles it anew.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-from pathlib import Path
 
 import numpy as np
 from numba import njit, types
 from numba.core.errors import TypingError
 from numba.extending import overload
 
-from . import attn_step, decode_step, gemv, moe_glue, moe_step
+from . import attn_step, decode_step, gemv, moe_glue, moe_step, sources
 
 F32 = np.float32
 OK, MOE_FALLBACK = 0, 1           # layer_step's status: done; the MoE needs the general path
@@ -51,21 +49,9 @@ def _drive_region(isa, table, mats, xsel, xp, xinfo, out):
 
 
 @functools.cache
-def _digest() -> str:
-    """Hash of the kernel sources the compiled block links (every module of this package
-    and the number formats)."""
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for path in sorted(here.glob("*.py")) + [here.parent.parent / "quant" / "formats.py"]:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-@functools.cache
 def layer_step(isa: str):
     """The compiled block for kernel variant `isa` ('avx512' or 'avx2'), cached on disk."""
-    ISA, DIGEST = isa, _digest()                 # compile-time constants
+    ISA, DIGEST = isa, sources.digest()                 # compile-time constants
 
     def step(X, table, xcat, xinfo, sites, specs, hcp, att, has_index, moe, hidx, work, X3):
         """X [1, hc, d] -> X3 [1, hc, d] (written). sites: the seven regions of

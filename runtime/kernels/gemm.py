@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import ir, ir_gemm
+from . import ir, ir_gemm, sources
 from .bits import f32_bits, fetch_add
 
 TILE_LANES = ir_gemm.LANES * ir_gemm.MAX_NJ     # token lanes per tile call
@@ -53,7 +53,7 @@ def pack_x(x, xp) -> bool:
 
 @functools.cache
 def _packer():
-    DIGEST = ir.digest()  # noqa: N806
+    DIGEST = sources.digest()  # noqa: N806
 
     def pack_rows(x, xp, bad):
         """pack_x for x with contiguous rows and K a multiple of 32 (ir_gemm's vector
@@ -68,7 +68,7 @@ def _packer():
 
 @functools.cache
 def _driver():
-    DIGEST, MR, LANES, MAX_NJ = ir.digest(), ir_gemm.MR, ir_gemm.LANES, ir_gemm.MAX_NJ  # noqa: N806
+    DIGEST, MR, LANES, MAX_NJ = sources.digest(), ir_gemm.MR, ir_gemm.LANES, ir_gemm.MAX_NJ  # noqa: N806
 
     def gemm_bf16(fp8, waddr, saddr, O, K, b0, b1, scols, xp, M, mblk, out, wbuf, cbuf):
         """out [M, O] float32 (rows may be strided) = x times the MXFP4 (fp8 False) or FP8

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import cpu, ir, prep
+from . import cpu, ir, prep, sources
 from .bits import fetch_add
 from .plain import row_block
 
@@ -40,7 +40,7 @@ _WDTYPES = {"fp4": (np.uint8, np.int8), "fp8": (np.uint8,), "bf16": (np.uint16,)
 @functools.cache
 def _driver(isa: str):
     """The cached, parallel driver of one variant (all formats; see Kernels.gemv_batch)."""
-    ISA, DIGEST = isa, ir.digest()  # noqa: N806 - compile-time constants
+    ISA, DIGEST = isa, sources.digest()  # noqa: N806 - compile-time constants
 
     def drive(addr, dims, xlen, mats, xsel, xp, xinfo, unit_bytes, nthreads, out):
         """addr [n, 2] (weight, scale) uint64; dims [n, 8] (O, K, b0, b1, scols, weight row

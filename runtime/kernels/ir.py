@@ -15,8 +15,6 @@ that compilation fail (UnsupportedISA), which kernel selection treats as "not av
 from __future__ import annotations
 
 import functools
-import hashlib
-from pathlib import Path
 
 import llvmlite.binding as llb
 from llvmlite import ir
@@ -35,7 +33,6 @@ REQUIRED = {
 }
 PARAMS = ir_gemm.PARAMS            # other exported functions: parameter kinds, 'p' = ptr
 SIGNATURE = "(ptr w, ptr s, ptr x, ptr y, i64 nrows, i64 K, i64 nterms, i64 row0, i64 b0, i64 b1, i64 scols)"
-_SOURCES = ("ir.py", "irgen.py", "ir_avx2.py", "ir_avx512.py", "ir_avx512_int.py", "ir_gemm.py", "plain.py", "bits.py")
 
 
 class UnsupportedISA(RuntimeError):
@@ -45,18 +42,6 @@ class UnsupportedISA(RuntimeError):
 @functools.cache
 def module_text(isa: str) -> str:
     return MODULES[isa]()
-
-
-@functools.cache
-def digest() -> str:
-    """Hash of every source compiled into the drivers besides gemv.py itself (Numba's cache
-    only watches the file defining a function): part of each driver's cache key."""
-    h = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _SOURCES:
-        h.update((here / name).read_bytes())
-    h.update((here.parent.parent / "quant" / "formats.py").read_bytes())
-    return h.hexdigest()[:16]
 
 
 def enabled_features(feature_string: str) -> frozenset[str]:
