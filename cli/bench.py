@@ -58,10 +58,11 @@ def prefault_weights(ckpt) -> None:
         ckpt.prefault(progress=lambda done, _total: bar.update(done - bar.n))
 
 
-def pages_line(pages) -> str:
+def pages_line(pages, hint: bool = True) -> str:
+    """How much of the weights is resident, and on 2 MB pages (with a hint when few are)."""
     line = (f"weights resident: {pages.resident / 1e9:.2f} GB, {pages.huge / 1e9:.2f} GB of them "
             f"on 2 MB pages ({100 * pages.share:.0f}%)")
-    if pages.share < 0.5:
+    if hint and pages.share < 0.5:
         line += ("; most are cached in small pages: --reload-pages reads them back on 2 MB "
                  "pages where the kernel and file system allow")
     return line
@@ -171,5 +172,5 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
                     f"threading {os.environ.get('NUMBA_THREADING_LAYER')}"
                     f"{' (spinning)' if os.environ.get('OMP_WAIT_POLICY') == 'active' else ''}, "
                     f"{m.num.describe()}"
-                    f"{'' if pages is None else '; ' + pages_line(pages).split('; most')[0]}"
+                    f"{'' if pages is None else '; ' + pages_line(pages, hint=False)}"
                     f"\n\n```\n{table}\n```\n")

@@ -1,11 +1,12 @@
 """Page sizes of the memory-mapped weights (Linux; elsewhere these are no-ops).
 
-Decode streams every weight once per token. On 4 KB pages that is a TLB miss (a page walk,
-its entries often evicted by the stream itself) every 4 KB; on 2 MB pages one per 2 MB. Linux maps a file with 2 MB pages when the page cache holds the file in 2 MB
-folios (filesystems with large-folio support: ext4 from 6.16, xfs) and the mapping asks
-for them: with MADV_HUGEPAGE, a page fault on uncached data reads it ahead as a 2 MB folio.
-Data already cached in small folios stays small until it leaves the page cache, which
-`evict` asks for. On the benchmark model a decoded token took 2-4% less time on 2 MB pages
+Decode streams every weight once per token. On 4 KB pages that is a TLB miss (a page
+walk, its entries often evicted by the stream itself) every 4 KB; on 2 MB pages one per
+2 MB. Linux maps a file with 2 MB pages when the page cache holds it in 2 MB folios (file
+systems with large-folio support, e.g. xfs and recent ext4) and the mapping asks for them:
+with MADV_HUGEPAGE, a page fault on uncached data reads it ahead as a 2 MB folio. Data
+already cached in small folios stays small until it leaves the page cache, which `evict`
+asks for. On the benchmark model a decoded token took 2-4% less time on 2 MB pages
 (docs/performance.md).
 """
 from __future__ import annotations

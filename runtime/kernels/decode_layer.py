@@ -51,7 +51,7 @@ def _drive_region(isa, table, mats, xsel, xp, xinfo, out):
 @functools.cache
 def layer_step(isa: str):
     """The compiled block for kernel variant `isa` ('avx512' or 'avx2'), cached on disk."""
-    ISA, DIGEST = isa, sources.digest()                 # compile-time constants
+    ISA, DIGEST = isa, sources.digest()          # compile-time constants
 
     def step(X, table, xcat, xinfo, sites, specs, hcp, att, has_index, moe, hidx, work, X3):
         """X [1, hc, d] -> X3 [1, hc, d] (written). sites: the seven regions of
