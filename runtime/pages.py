@@ -71,7 +71,7 @@ def mapped_pages(paths: Iterable[Path], smaps: str = "/proc/self/smaps") -> Mapp
                     current = len(fields) == 6 and fields[5].strip() in wanted
                 elif current and fields[0] == "Rss:":
                     resident += int(fields[1]) << 10
-                elif current and fields[0] == "FilePmdMapped:":
+                elif current and fields[0] in ("FilePmdMapped:", "ShmemPmdMapped:"):  # disk / tmpfs
                     huge += int(fields[1]) << 10
     except OSError:
         return None
