@@ -41,13 +41,8 @@ def _numba_cache_dir() -> None:
     """Compiled kernels are cached on disk: $NUMBA_CACHE_DIR if set, else under the dsv4
     cache folder ($DSV4_HOME or ~/.cache/dsv4), in numba/<digest of the kernel sources>
     (runtime/kernels/sources.py: Numba alone would miss edits to inlined helpers)."""
-    if "NUMBA_CACHE_DIR" not in os.environ:
-        from dsv4.runtime.kernels.sources import cache_dir  # noqa: PLC0415
-        from dsv4.runtime.model_store import cache_root  # noqa: PLC0415
-        try:
-            os.environ["NUMBA_CACHE_DIR"] = str(cache_dir(cache_root() / "numba"))
-        except OSError:                   # read-only home: Numba falls back to its own default
-            pass
+    from dsv4.runtime.kernels.sources import use_default_cache  # noqa: PLC0415
+    use_default_cache()
 
 
 @click.group(cls=DsvGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 
 
 def advise_huge(mm: mmap.mmap) -> bool:
@@ -55,12 +55,12 @@ class MappedPages:
         return self.huge / self.resident if self.resident else 0.0
 
 
-def mapped_pages(paths: Iterable[Path], smaps: str = "/proc/self/smaps") -> MappedPages | None:
-    """Resident and PMD-mapped bytes of this process's mappings of `paths` (None where the
-    kernel does not report them)."""
+def mappings(paths: Iterable[Path], smaps: str = "/proc/self/smaps") -> list[dict[str, str]] | None:
+    """This process's mappings of `paths` as {smaps field: value} (None where the kernel does
+    not report them)."""
     wanted = {str(Path(p).resolve()) for p in paths}
-    resident = huge = 0
-    current = False
+    out: list[dict[str, str]] = []
+    current = None
     try:
         with open(smaps) as f:
             for line in f:
@@ -68,11 +68,24 @@ def mapped_pages(paths: Iterable[Path], smaps: str = "/proc/self/smaps") -> Mapp
                 if not fields:
                     continue
                 if not fields[0].endswith(":"):                 # a mapping's first line
-                    current = len(fields) == 6 and fields[5].strip() in wanted
-                elif current and fields[0] == "Rss:":
-                    resident += int(fields[1]) << 10
-                elif current and fields[0] in ("FilePmdMapped:", "ShmemPmdMapped:"):  # disk / tmpfs
-                    huge += int(fields[1]) << 10
+                    current = {} if len(fields) == 6 and fields[5].strip() in wanted else None
+                    if current is not None:
+                        out.append(current)
+                elif current is not None:
+                    current[fields[0][:-1]] = line.split(":", 1)[1].strip()
     except OSError:
         return None
-    return MappedPages(resident, huge)
+    return out
+
+
+def mapped_pages(paths: Iterable[Path], smaps: str = "/proc/self/smaps") -> MappedPages | None:
+    """Resident and PMD-mapped bytes of this process's mappings of `paths` (None where the
+    kernel does not report them)."""
+    found = mappings(paths, smaps)
+    if found is None:
+        return None
+
+    def kib(m, field):
+        return int(m.get(field, "0 kB").split()[0]) << 10
+    return MappedPages(sum(kib(m, "Rss") for m in found),
+                       sum(kib(m, "FilePmdMapped") + kib(m, "ShmemPmdMapped") for m in found))  # disk / tmpfs

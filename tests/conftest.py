@@ -9,10 +9,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Numba's cache in a folder keyed on the kernel sources, as the CLI does, before Numba
 # loads: its own check misses edits to helpers that other files' functions inline.
-if "NUMBA_CACHE_DIR" not in os.environ:
-    from dsv4.runtime.kernels.sources import cache_dir  # noqa: E402
-    from dsv4.runtime.model_store import cache_root  # noqa: E402
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir(cache_root() / "numba"))
+from dsv4.runtime.kernels.sources import use_default_cache  # noqa: E402
+
+use_default_cache()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -1,7 +1,6 @@
 """Safetensors reader/writer: round trips, cross-checks with the official library, corruption."""
 
 import json
-import mmap
 import os
 import time
 
@@ -10,7 +9,7 @@ import pytest
 import safetensors
 from safetensors import safe_open
 
-from dsv4.runtime import pages, st_writer, weights
+from dsv4.runtime import st_writer, weights
 from dsv4.runtime.errors import CheckpointError
 from dsv4.runtime.st_writer import ShardedWriter, write_index, write_safetensors
 from dsv4.runtime.weights import DTYPES, INDEX_NAME, Checkpoint, SafetensorsFile
@@ -454,33 +453,3 @@ def test_sharded_writer_oversized_tensor_and_abort(tmp_path):
             raise RuntimeError("generator failed")
     assert list(other.iterdir()) == []
 
-
-def test_weights_are_mapped_for_huge_pages(tmp_path):
-    """The shard mapping asks for 2 MB pages (VmFlags 'hg' in smaps), and mapped_pages
-    counts its resident bytes."""
-    smaps = "/proc/self/smaps"
-    if not os.path.exists(smaps):
-        pytest.skip("no /proc/self/smaps")
-    if not pages.advise_huge(mmap.mmap(-1, 4096)):
-        pytest.skip("this kernel offers no transparent huge pages")
-    path = tmp_path / "a.safetensors"
-    size = 8 << 20
-    write_safetensors(path, {"w": ("U8", np.ones(size, np.uint8))})
-    st = SafetensorsFile(path)
-    before = pages.mapped_pages([path])
-    assert before is not None and before.resident == 0
-    assert int(st.tensor("w")[::4096].sum()) == size // 4096
-    flags, current = None, False
-    with open(smaps) as f:
-        for line in f:
-            fields = line.split(None, 5)
-            if fields and not fields[0].endswith(":"):
-                current = len(fields) == 6 and fields[5].strip() == str(path.resolve())
-            elif current and fields and fields[0] == "VmFlags:":
-                flags = fields[1:]
-    assert flags is not None, "the shard is not mapped"
-    assert "hg" in " ".join(flags).split()
-    after = pages.mapped_pages([path])
-    assert size <= after.resident <= size + (4 << 20)
-    assert 0 <= after.huge <= after.resident
-    assert pages.mapped_pages([tmp_path / "other.safetensors"]).resident == 0

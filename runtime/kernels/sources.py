@@ -57,5 +57,17 @@ def cache_dir(root: Path, keep: int = KEEP) -> Path:
     return here
 
 
+def use_default_cache() -> None:
+    """Unless NUMBA_CACHE_DIR is set, point it at cache_dir(<dsv4 cache folder>/numba); call
+    before Numba loads. A cache folder that cannot be made leaves Numba's own default."""
+    if "NUMBA_CACHE_DIR" in os.environ:
+        return
+    from ..model_store import cache_root  # noqa: PLC0415 - no NumPy or Numba there
+    try:
+        os.environ["NUMBA_CACHE_DIR"] = str(cache_dir(cache_root() / "numba"))
+    except OSError:
+        pass
+
+
 def _is_digest(name: str) -> bool:
     return len(name) == 16 and all(c in "0123456789abcdef" for c in name)
