@@ -232,3 +232,33 @@ def test_compiled_decode_block_avx2_kernels(tiny_dir, monkeypatch):
     c = _run_flag(tiny_dir, num, "compiled_decode", True, sizes, 13, "avx2")
     _assert_same_runs(a, c)
     assert calls and set(calls) == {"avx2"}
+
+
+def test_fused_decode_keeps_each_sequence_apart(tiny_dir):
+    """The compiled block's per-sequence arguments (decode_ops._seq_pack) follow the cache
+    they came from: two sequences decoded in turns on one model, one of them cloned half
+    way, give the bits each gives alone, and a dropped cache's pack is released."""
+    import gc
+    model = Model.load(tiny_dir, backend="fast")
+    rng = np.random.default_rng(16)
+    ids = [rng.integers(0, model.cfg.vocab_size, 40) for _ in range(2)]
+
+    def alone(seq):
+        cache = model.new_cache(40)
+        return [model.forward(seq[:8], cache)] + [model.forward(seq[i:i + 1], cache) for i in range(8, 40)]
+    want = [alone(s) for s in ids]
+    caches = [model.new_cache(40) for _ in ids]
+    got = [[model.forward(s[:8], c)] for s, c in zip(ids, caches)]
+    for i in range(8, 40):
+        if i == 24:
+            caches[0] = caches[0].clone()             # same state, new arrays
+        for s, c, out in zip(ids, caches, got):
+            out.append(model.forward(s[i:i + 1], c))
+    for a, b in zip(want, got):
+        assert all(np.array_equal(x.view(np.uint32), y.view(np.uint32)) for x, y in zip(a, b))
+    packs = model.be.__dict__.get("_seq_packs", {})
+    if model.be.k.variant in ("avx512", "avx2"):
+        assert len(packs) == 2 * model.cfg.n_layers     # the clone's and the second cache's
+    del caches, c
+    gc.collect()
+    assert not packs

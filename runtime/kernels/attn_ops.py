@@ -91,22 +91,20 @@ class AttnOps:
         keys = lc.index_keys
         return keys is None or (isinstance(keys, Fp4KeyStore) and keys.block == INDEX_FP4_BLOCK)
 
-    def _step(self, cfg, plan, w, lc, p0, out=None):
-        """attend_one's arguments besides the token's vectors (see attn_step.attend_one), in
-        its order: p, window, ratio, eps, scale, hb, freqs, sink, kv_norm, comp_w, comp_st,
-        indexer keys (packed, exps), index_w, index_st, wscale, topk, stores, keys, q, out.
-        out: a [1, H, D] float32 result buffer, 64-byte aligned (default: a fresh one)."""
+    def _step_fixed(self, cfg, plan, w, lc) -> tuple:
+        """attend_one's arguments that stay the same for one layer of one sequence (the
+        cache's arrays are written in place), in its order from `window` to `q` without
+        `hb` and `keys`: window, ratio, eps, scale, freqs, sink, kv_norm, comp_w, comp_st,
+        indexer keys (packed, exps), index_w, index_st, wscale, topk, stores, q."""
         m, H, D = plan.ratio, cfg.n_heads, cfg.head_dim
         ring = lc.ring
         if m > 0:
             stores = (ring.codes, ring.exps, ring.rope, lc.comp.codes, lc.comp.exps, lc.comp.rope)
             st = lc.comp_state
             comp_st = (st.kv, st.score, st.prev_kv, st.prev_score)
-            n_sel = cfg.index_topk if m == 4 else (p0 + 1) // m
         else:
             stores = (ring.codes, ring.exps, ring.rope) + plan.no_store
             comp_st = plan.no_state
-            n_sel = 0
         if w.indexer is not None:
             keys = lc.index_keys
             ikeys = (keys.packed, keys.exps)
@@ -115,14 +113,31 @@ class AttnOps:
         else:
             ikeys = plan.no_index[2:]
             index_st = plan.no_state
-        hb = max(2, H // (2 * numba.get_num_threads()))        # as attn.sparse_attn for S = 1
-        hb = min(hb + (hb % 2), H) if hb < H else H
-        keys_buf = self._attn_buffer("keys", (cfg.window + n_sel, D))
         q = self._attn_buffer("q", (1, H, D))
-        out = aligned_empty((1, H, D)) if out is None else out
-        return (int(p0), cfg.window, m, cfg.norm_eps, cfg.head_dim ** -0.5, hb, plan.freqs, plan.sink, plan.kv_norm,
-                plan.comp_w, comp_st, ikeys, plan.index_w, index_st, plan.wscale, cfg.index_topk, stores, keys_buf,
-                q, out)
+        return (cfg.window, m, cfg.norm_eps, cfg.head_dim ** -0.5, plan.freqs, plan.sink, plan.kv_norm, plan.comp_w,
+                comp_st, ikeys, plan.index_w, index_st, plan.wscale, cfg.index_topk, stores, q)
+
+    def _step_keys(self, cfg, plan, p0) -> np.ndarray:
+        """The buffer for the keys token p0 attends to (window plus selected entries)."""
+        m = plan.ratio
+        n_sel = 0 if m == 0 else cfg.index_topk if m == 4 else (p0 + 1) // m
+        return self._attn_buffer("keys", (cfg.window + n_sel, cfg.head_dim))
+
+    @staticmethod
+    def _heads_per_task(H: int) -> int:
+        """Heads per parallel task of the sparse attention (as attn.sparse_attn for S = 1)."""
+        hb = max(2, H // (2 * numba.get_num_threads()))
+        return min(hb + (hb % 2), H) if hb < H else H
+
+    def _step(self, cfg, plan, w, lc, p0, out=None):
+        """attend_one's arguments besides the token's vectors (see attn_step.attend_one), in
+        its order: p, window, ratio, eps, scale, hb, freqs, sink, kv_norm, comp_w, comp_st,
+        indexer keys (packed, exps), index_w, index_st, wscale, topk, stores, keys, q, out.
+        out: a [1, H, D] float32 result buffer, 64-byte aligned (default: a fresh one)."""
+        window, m, eps, scale, *mid, stores, q = self._step_fixed(cfg, plan, w, lc)
+        out = aligned_empty((1, cfg.n_heads, cfg.head_dim)) if out is None else out
+        return (int(p0), window, m, eps, scale, self._heads_per_task(cfg.n_heads), *mid, stores,
+                self._step_keys(cfg, plan, p0), q, out)
 
     def attend(self, cfg, layer, w, lc, p0, qs, proj, rope):
         plan = self._attn_plan(cfg, layer, w, rope)

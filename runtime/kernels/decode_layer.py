@@ -4,8 +4,9 @@ decode_ops.py runs a block as ~15 calls from Python: nine gemv regions, the comp
 stages between them (decode_step.py), the attention step (attn_step.py) and the MoE step
 (moe_step.py). `layer_step(isa)` makes the same calls, with the same arguments and in the
 same order, from compiled code, so the result is bit-identical (tests compare them) and most
-of the Python between the calls (~7 ms per token on the benchmark model) is gone: what is
-left per layer is assembling the arguments and one dispatch.
+of the Python between the calls (~7 ms per token on the benchmark model) is gone. Its
+constant arguments come in two Packs (pack.py), built once per layer and once per layer
+of a sequence, so what is left per layer call is a handful of arguments and one dispatch.
 
 The gemv driver is a parallel Numba function made per kernel variant (gemv._driver);
 `drive_region` resolves to it at compile time from the variant's name, so the compiled
@@ -53,17 +54,23 @@ def layer_step(isa: str):
     """The compiled block for kernel variant `isa` ('avx512' or 'avx2'), cached on disk."""
     ISA, DIGEST = isa, sources.digest()          # compile-time constants
 
-    def step(X, table, xcat, xinfo, sites, specs, hcp, att, has_index, moe, hidx, work, X3):
-        """X [1, hc, d] -> X3 [1, hc, d] (written). sites: the seven regions of
-        decode_ops' plan as (matrix rows, x rows, part offsets, result) in the order hc
-        mix, projections of x, query projections, wo_a, wo_b, hc mix, router; specs: the
-        x layouts (hc mix, quantized x, raw x, query latent, wo_a, wo_b, hc mix, router,
-        none); hcp: hyper-connection and norm constants; att: attend_one's arguments
-        besides the token's vectors (AttnOps._step); moe: the MoE step's constants;
-        work: (x, post, comb, X2, idx, wts) buffers. -> (compressed entries written so
-        far, OK or MOE_FALLBACK: then x, X2, post, comb, idx and wts hold what the
-        general MoE path and the last residual need)."""
+    def step(X, p, hb, keys, hidx, X3, layer, seq):
+        """X [1, hc, d] -> X3 [1, hc, d] (written) at position p. layer: a Pack of the
+        layer's constants (decode_ops._fused_parts): the gemv table, the x rows and their
+        info, sites (the seven regions of decode_ops' plan as (matrix rows, x rows, part
+        offsets, result) in the order hc mix, projections of x, query projections, wo_a,
+        wo_b, hc mix, router), specs (the x layouts: hc mix, quantized x, raw x, query
+        latent, wo_a, wo_b, hc mix, router, none), hcp (hyper-connection and norm
+        constants), whether it has an indexer, the MoE step's constants, the work buffers
+        (x, post, comb, X2, idx, wts) and attention's output buffer; seq: a Pack of
+        attend_one's arguments fixed for this layer of this sequence (AttnOps._step_fixed);
+        hb, keys: the heads per task and the buffer for the keys it attends to; hidx: a hash layer's expert ids [1, k] (else [0, k]).
+        -> (compressed entries written so far, OK or MOE_FALLBACK: then x, X2, post, comb,
+        idx and wts hold what the general MoE path and the last residual need)."""
         assert DIGEST != ""
+        table, xcat, xinfo, sites, specs, hcp, has_index, moe, work, o = layer.args
+        (window, ratio, a_eps, scale, freqs, sink, kv_norm, comp_w, comp_st, ikeys, index_w, index_st, wscale, topk,
+         stores, qbuf) = seq.args
         hc_attn, proj, qs, wo_a, wo_b, hc_ffn, gate = sites
         s_hca, s_q, s_raw, s_qr, s_woa, s_wob, s_hcf, s_gate, s_none = specs
         base_a, scale_a, base_f, scale_f, iters, hc_eps, eps, n_attn, n_q, n_ffn, qblock, G = hcp
@@ -79,8 +86,6 @@ def layer_step(isa: str):
         qy, qo = drive_region(ISA, table, qs[0], qs[1], xcat, xinfo, qs[3]), qs[2]
 
         # attend: proj parts 1 wkv, 2-3 compressor, 4-6 indexer; query parts 0 wq_b, 1 indexer
-        (p, window, ratio, a_eps, scale, hb, freqs, sink, kv_norm, comp_w, comp_st, ikeys, index_w, index_st,
-         wscale, topk, stores, keys, qbuf, o) = att
         none = pr[0:0]
         u = pr[po[2]:po[3]] if ratio > 0 else none
         g = pr[po[3]:po[4]] if ratio > 0 else none

@@ -19,6 +19,8 @@ attention step's key buffer assume the same).
 """
 from __future__ import annotations
 
+import weakref
+
 import numba
 import numpy as np
 
@@ -27,6 +29,7 @@ from ..nn import F32
 from . import decode_layer, decode_step, gemv, moe_glue, moe_step, prep
 from .attn import aligned_empty
 from .attn_ops import writable_f32
+from .pack import Pack
 from .weight_index import out_features, table_format, weight_key
 
 _NO_SPEC = (np.int64(-1), np.int64(0), np.zeros(0, np.int64), np.zeros(0, np.int64), np.int64(0), F32(0))
@@ -171,14 +174,17 @@ class DecodeOps:
         return limit, (limit if self.num.shared_clamp else 0.0)
 
     def _fused_parts(self, cfg, w, p, b1):
-        """The constant arguments of decode_layer.layer_step for this layer, or None when
-        its MoE does not take the compiled step (moe_ops._moe_step_applies)."""
+        """The layer's constants for decode_layer.layer_step as (a Pack of them, the empty
+        hash ids, the work buffers in the pack), or None when its MoE does not take the
+        compiled step (moe_ops._moe_step_applies)."""
         f, mp = w.ffn, self._moe_plan(w.ffn)
         if not self._moe_step_applies(f, mp):
             return None
         d, k, v = cfg.dim, cfg.n_activated_experts, self.k.variant
         H, D = cfg.n_heads, cfg.head_dim
         limit, shared_limit = self._limits(cfg)
+        t = self.mixed
+        table = (t.addr, t.dims, t.xlen(v), np.int64(gemv.UNIT_BYTES), np.int64(numba.config.NUMBA_NUM_THREADS))
         sites = tuple((s.mats, s.xsel, s.off, s.y) for s in (p.hc_attn, p.proj, p.q, p.wo_a, p.wo_b, p.hc_ffn, p.gate))
         specs = (p.spec_hc_attn, p.spec_q, p.spec_raw, p.spec_qr, p.spec_woa, p.spec_wob, p.spec_hc_ffn, p.spec_gate,
                  _NO_SPEC)
@@ -191,26 +197,46 @@ class DecodeOps:
                F32(shared_limit), mp.w2_block, self._rnd, *p.moe_out)
         work = (np.empty((1, d), F32), np.empty((1, cfg.hc_mult), F32), np.empty((1, cfg.hc_mult, cfg.hc_mult), F32),
                 np.empty((1, cfg.hc_mult, d), F32), np.empty((1, k), np.int64), np.empty((1, k), F32))
-        return sites, specs, hcp, moe, work, np.zeros((0, k), np.int64), aligned_empty((1, H, D))
+        consts = (table, p.xcat, p.xinfo, sites, specs, hcp, w.attn.indexer is not None, moe, work,
+                  aligned_empty((1, H, D)))
+        return Pack(consts), np.zeros((0, k), np.int64), work
+
+    def _seq_pack(self, cfg, w, lc, rope):
+        """(attention plan, a Pack of attend_one's arguments fixed for this layer of the
+        sequence whose layer cache is lc), built on the layer's first decoded token of the
+        sequence; (plan, None) when the compiled attention step cannot take the layer.
+        Kept while lc lives (the pack references the cache's arrays, not lc itself)."""
+        packs = self.__dict__.setdefault("_seq_packs", {})
+        hit = packs.get(id(lc))
+        if hit is not None and hit[0]() is lc:
+            return hit[1], hit[2]
+        a = w.attn
+        plan = self._attn_plan(cfg, w.layer, a, rope)
+        pack = Pack(self._step_fixed(cfg, plan, a, lc)) if plan.ok else None
+        key = id(lc)
+
+        def forget(ref, packs=packs, key=key):
+            if packs.get(key, (None,))[0] is ref:
+                del packs[key]
+        packs[key] = (weakref.ref(lc, forget), plan, pack)
+        return plan, pack
 
     def _fused_block(self, cfg, w, X, ids, p0, lc, rope, p):
         """The block in one compiled call (decode_layer.py), or None where it does not apply."""
-        a, f = w.attn, w.ffn
-        aplan = self._attn_plan(cfg, w.layer, a, rope)
-        if p.fused is None or not (self.compiled_attention and aplan.ok):
+        if p.fused is None:
             return None
-        sites, specs, hcp, moe, work, hidx, o = p.fused
+        plan, seq = self._seq_pack(cfg, w, lc, rope)
+        if seq is None or not self.compiled_attention:
+            return None
+        layer, hidx, work = p.fused
+        f = w.ffn
         X = np.ascontiguousarray(X, dtype=F32)
         if f.tid2eid is not None:
             hidx = _hash_experts(f, ids, cfg.n_activated_experts)
-        t = self.mixed
-        table = (t.addr, t.dims, t.xlen(self.k.variant), np.int64(gemv.UNIT_BYTES),
-                 np.int64(numba.config.NUMBA_NUM_THREADS))
         X3 = np.empty(X.shape, F32)
         n_comp, status = decode_layer.layer_step(self.k.variant)(
-            X, table, p.xcat, p.xinfo, sites, specs, hcp, self._step(cfg, aplan, a, lc, p0, o), a.indexer is not None,
-            moe, hidx, work, X3)
-        if aplan.ratio > 0:
+            X, int(p0), self._heads_per_task(cfg.n_heads), self._step_keys(cfg, plan, p0), hidx, X3, layer, seq)
+        if plan.ratio > 0:
             lc.n_comp = n_comp
         if status != decode_layer.OK:                     # the MoE's general path, then the residual
             x, post, comb, X2, idx, wts = work
