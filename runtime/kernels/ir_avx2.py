@@ -29,6 +29,7 @@ declare float @llvm.fma.f32(float, float, float)
 declare float @llvm.vector.reduce.fadd.v8f32(float, {Y})
 """
 DECLS = DECLS_FLOAT + """
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 declare <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8>, <32 x i8>)
 declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
@@ -36,6 +37,7 @@ declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 FP4_X_SCALE = 2.0 ** -25
 INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte int-mode x block (prep.py)
 FP8_X_SCALE = 2.0 ** 60
+FLOAT_PREFETCH = 16384                # software prefetch distance (bytes) of the bf16/f32 row loop
 
 
 # ------------------------------------------------------------------ layouts (shared with prep)
@@ -277,6 +279,9 @@ def float_row(fmt: str, unroll: int = 2) -> str:
 
     def main(f, u, accs):
         out = []
+        if FLOAT_PREFETCH >= 0:     # a line per iteration (2 x 8 f32 or 2 x 16 bf16); < 0: none
+            ahead = f.gep("i8", "%w", f(f"add i64 {f(f'mul i64 {u}, {unroll * step * esz}')}, {FLOAT_PREFETCH}"))
+            f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 2, i32 1)")
         for j in range(unroll):
             out += step_fn(f, f(f"add i64 {f(f'mul i64 {u}, {unroll}')}, {j}"), accs[j * per:(j + 1) * per])
         return out
