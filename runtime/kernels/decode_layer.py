@@ -64,7 +64,8 @@ def layer_step(isa: str):
         constants), whether it has an indexer, the MoE step's constants, the work buffers
         (x, post, comb, X2, idx, wts) and attention's output buffer; seq: a Pack of
         attend_one's arguments fixed for this layer of this sequence (AttnOps._step_fixed);
-        hb, keys: the heads per task and the buffer for the keys it attends to; hidx: a hash layer's expert ids [1, k] (else [0, k]).
+        hb, keys: the heads per task and the buffer for the keys it attends to; hidx: a
+        hash layer's expert ids [1, k] (else [0, k]).
         -> (compressed entries written so far, OK or MOE_FALLBACK: then x, X2, post, comb,
         idx and wts hold what the general MoE path and the last residual need)."""
         assert DIGEST != ""
