@@ -279,9 +279,9 @@ def float_row(fmt: str, unroll: int = 2) -> str:
 
     def main(f, u, accs):
         out = []
-        if FLOAT_PREFETCH >= 0:     # a line per iteration (2 x 8 f32 or 2 x 16 bf16); < 0: none
-            ahead = f.gep("i8", "%w", f(f"add i64 {f(f'mul i64 {u}, {unroll * step * esz}')}, {FLOAT_PREFETCH}"))
-            f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 2, i32 1)")
+        # a line per iteration (2 x 8 f32 or 2 x 16 bf16)
+        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'mul i64 {u}, {unroll * step * esz}')}, {FLOAT_PREFETCH}"))
+        f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 2, i32 1)")
         for j in range(unroll):
             out += step_fn(f, f(f"add i64 {f(f'mul i64 {u}, {unroll}')}, {j}"), accs[j * per:(j + 1) * per])
         return out
