@@ -164,6 +164,29 @@ def test_fp4_scale_paths(variant, shift, K, rng):
         assert worst(y[keep], Wr[keep], x) <= TOL
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "numba"])
+@pytest.mark.parametrize("c,fits,two", [(32639, True, True), (-32896, True, True), (32640, True, False),
+                                        (-32897, True, False), (8355711, True, False), (-8355711, True, False),
+                                        (8355712, False, False)])
+def test_fp4_integer_layout_digit_edges(variant, c, fits, two, rng):
+    """x with a 32-group c * 2^E at the edges of the signed base-256 digits: two digits
+    hold -32896..32639, three up to 8355711 (larger: the bf16-plane layout instead).
+    The kernels must match the reference on every side of each edge, full and partial
+    blocks alike."""
+    K, O = 160, 11                                    # one full block of 4 groups + 1 group
+    W, S, Wr = problem("fp4", rng, O, K)
+    k = gemv.Kernels(variant)
+    for where in (1, 129):                            # the full block, the partial one
+        x = np.zeros(K, np.float32)
+        x[[0, 45, 77, 128]] = np.ldexp(np.float32([1, 3, -7, 5]), [-10, -6, -6, -3])
+        x[where] = np.ldexp(np.float32(c), -10 if where < 32 else -3)
+        xp = k.prepare_x("fp4", x)
+        assert (xp.nterms == 0) == fits
+        if fits and where == 1:
+            assert (xp.data.view(np.int32)[0, 0] == 1) == two      # n2: two-digit full blocks
+        assert worst(k.gemv("fp4", W, S, xp), Wr, x) <= TOL
+
+
 def test_table_rejects_bad_input(rng):
     W, S, _ = problem("fp4", rng, 4, 64)
     with pytest.raises(ValueError, match="scale"):

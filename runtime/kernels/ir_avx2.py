@@ -4,8 +4,9 @@ Weights are decoded to float32 in registers and multiplied with ymm FMAs; x come
 prepare step, permuted to the order the decode produces and pre-scaled by a power of two:
 - fp4: 32 packed bytes = two 32-groups; vpshufb maps nibbles to int8 2*e2m1 values.
   Integer path (x in the prep.fp4_int layout, nterms 0: e4m3-quantized activations):
-  x signs XOR-ed into the nibble sign bits, vpmaddubsw/vpmaddwd against the bytes of the
-  per-group integers, two-byte blocks first (see ir_avx512_int.py). Float path (any x):
+  vpmaddubsw/vpmaddwd of the unsigned bytes 2*e2m1 + 12 against the signed digits of the
+  per-group integers, plus the layout's correction; two-digit blocks first (see
+  ir_avx512_int.py). Float path (any x):
   each int8 is moved to the top byte of a dword (value * 2^24 after vcvtdq2ps); x holds
   x * 2^-25, so products are e2m1 * x exactly; per-pair sums times the two e8m0 scales.
 - fp8: sign-extend decode `(int32(int8 b) << 20) & 0x87F00000` = e4m3 * 2^-120 (done on
@@ -126,25 +127,24 @@ def _fp4_row() -> str:
 
 
 def _fp4_int_pair(f: Fn, b32: str, xb: str, planes: int) -> str:
-    """Integer path, two groups: sum(2*e2m1 (x-sign flipped) * digits) as <8 x float>."""
-    tbl = vec("i8", [int(2 * v) for v in E2M1_VALUES] * 2)
-    p = f(f"xor <32 x i8> {b32}, {f(f'load <32 x i8>, ptr {xb}, align 1')}")
-    lo = f(f"and <32 x i8> {p}, {splat('i8', 32, 15)}")
-    hw = f(f"lshr <16 x i16> {f(f'bitcast <32 x i8> {p} to <16 x i16>')}, {splat('i16', 16, 4)}")
+    """Integer path, two groups: correction + sum((2*e2m1 + 12) * digits) as <8 x float>."""
+    tbl = vec("i8", [int(2 * v) + 12 for v in E2M1_VALUES] * 2)
+    lo = f(f"and <32 x i8> {b32}, {splat('i8', 32, 15)}")
+    hw = f(f"lshr <16 x i16> {f(f'bitcast <32 x i8> {b32} to <16 x i16>')}, {splat('i16', 16, 4)}")
     hi = f(f"and <32 x i8> {f(f'bitcast <16 x i16> {hw} to <32 x i8>')}, {splat('i8', 32, 15)}")
     ws = [f(f"call <32 x i8> @llvm.x86.avx2.pshuf.b(<32 x i8> {tbl}, <32 x i8> {n})") for n in (lo, hi)]
-    t = None
+    t = f(f"load {I}, ptr {xb}, align 4")                     # the layout's correction
     for d in range(planes):
         m = []
-        for h in range(2):
+        for h in range(2):               # unsigned weight bytes times signed digits
             dv = f(f"load <32 x i8>, ptr {f.gep('i8', xb, INT_DIGITS + 128 * d + 64 * h)}, align 1")
-            m.append(f(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> {dv}, <32 x i8> {ws[h]})"))
+            m.append(f(f"call <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8> {ws[h]}, <32 x i8> {dv})"))
         m = f(f"add <16 x i16> {m[0]}, {m[1]}")
         mul = splat("i16", 16, 1 if d == 0 else 256)
         q = f(f"call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> {m}, <16 x i16> {mul})")
         if d == 2:
             q = f(f"shl {I} {q}, {splat('i32', 8, 8)}")
-        t = q if t is None else f(f"add {I} {t}, {q}")
+        t = f(f"add {I} {t}, {q}")
     return f(f"sitofp {I} {t} to {Y}")
 
 

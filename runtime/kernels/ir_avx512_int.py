@@ -1,12 +1,13 @@
 """AVX-512 fp4 kernel for x in the integer layout (prep.fp4_int): VNNI int8 dot products.
 
-When every 32-group of x is c * 2^E with integers |c| < 2^24 (always true for e4m3-quantized
-activations), x is given as the bytes of |c| and its signs. The signs are XOR-ed into the
-weight nibbles' sign bits, vpermb maps nibbles to int8 2*e2m1, and vpdpbusd forms
-sum(int8 * byte) per byte plane; planes are combined in int32, converted once per 4 groups
-and multiplied by 2^(s-127) * 2^(E-1). Blocks whose |c| fit 16 bits (~95% for real
-activations) are listed first by the x layout and done with two planes instead of three,
-in a separate loop (no per-block branch). Two rows are processed together so the x loads
+When every 32-group of x is c * 2^E with integers |c| < 2^23 (always true for e4m3-quantized
+activations), x is given as the signed base-256 digits of c (prep.fp4_int). vpermb maps
+nibbles to the unsigned bytes 2*e2m1 + 12, and vpdpbusd forms sum(byte * int8 digit) per
+digit plane; the first plane starts from the x layout's correction, -12 * sum(c) per lane,
+which takes the offset back out (so no per-row sign work is needed). Planes are combined in
+int32, converted once per 4 groups and multiplied by 2^(s-127) * 2^(E-1). Blocks whose c
+have two digits (|c| < 2^15; most of them for real activations) are listed first by the x
+layout and done with two planes instead of three, in a separate loop (no per-block branch). Two rows are processed together so the x loads
 are shared (with software prefetch: two interleaved row streams defeat the hardware
 prefetcher). The per-lane scale is built by adding s << 23 to the x factor's exponent when
 the row's e8m0 bytes and the x exponents keep that in the normal range (checked per row);
@@ -25,9 +26,9 @@ PREFETCH = 16384                      # software prefetch distance (bytes) in th
 
 def _fp4_int_blocks(f: Fn, ws, xb, svs, accs, planes: int, mask=None):
     """One block of 4 groups for len(ws) rows sharing the x loads:
-    acc_r += cvt(sum_d 256^d sum(2*e2m1 with x-sign flipped * digit_d of |c|)) * sv_r."""
-    tbl = vec("i8", [int(2 * v) for v in E2M1_VALUES] * 4)   # vpermb reads 6 index bits: 4 copies
-    sm = f(f"load <64 x i8>, ptr {xb}, align 4")
+    acc_r += cvt(correction + sum_d 256^d sum((2*e2m1 + 12) * digit_d of c)) * sv_r."""
+    tbl = vec("i8", [int(2 * v) + 12 for v in E2M1_VALUES] * 4)   # vpermb reads 6 index bits: 4 copies
+    corr = f(f"load <16 x i32>, ptr {xb}, align 4")
     digits = [[f(f"load <16 x i32>, ptr {f.gep('i8', xb, INT_DIGITS + 128 * d + 64 * h)}, align 4") for h in range(2)]
               for d in range(planes)]
     out = []
@@ -36,7 +37,6 @@ def _fp4_int_blocks(f: Fn, ws, xb, svs, accs, planes: int, mask=None):
             p = f(f"load <64 x i8>, ptr {w}, align 1")
         else:
             p = f.masked_load("<64 x i8>", w, mask)
-        p = f(f"xor <64 x i8> {p}, {sm}")                             # x signs into the codes
         hw = f(f"lshr <32 x i16> {f(f'bitcast <64 x i8> {p} to <32 x i16>')}, {splat('i16', 32, 4)}")
         hi = f(f"bitcast <32 x i16> {hw} to <64 x i8>")                # high nibbles in bits 0-3
         # vpermb looks at index bits 0-5 only and the table repeats every 16 entries, so
@@ -45,10 +45,10 @@ def _fp4_int_blocks(f: Fn, ws, xb, svs, accs, planes: int, mask=None):
         wv = [f(f"bitcast <64 x i8> {v} to <16 x i32>") for v in wv]
         t = None                         # planes summed independently (short dependency chains)
         for d in range(planes):
-            a = "zeroinitializer"
-            for h in range(2):
-                a = f(f"call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> {a}, <16 x i32> {digits[d][h]}, "
-                      f"<16 x i32> {wv[h]})")
+            a = corr if d == 0 else "zeroinitializer"
+            for h in range(2):           # unsigned weight bytes times signed digits
+                a = f(f"call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> {a}, <16 x i32> {wv[h]}, "
+                      f"<16 x i32> {digits[d][h]})")
             if d:
                 a = f(f"shl <16 x i32> {a}, {splat('i32', 16, 8 * d)}")
             t = a if t is None else f(f"add <16 x i32> {t}, {a}")

@@ -2,8 +2,8 @@
 
 Each kernel variant wants x in the order its weight decode produces, so a prepared x only
 works with the variant that made it. `prepare` maps x [n, K] float32 to [n, L]:
-- fp4 on avx512 and avx2, when every 32-group of x is integer * 2^E with < 24 bits (always
-  for e4m3-quantized activations): the integer layout of `fp4_int` (nterms 0).
+- fp4 on avx512 and avx2, when every 32-group of x is integer * 2^E with |integer| < 2^23
+  (always for e4m3-quantized activations): the integer layout of `fp4_int` (nterms 0).
 - avx512: bf16 planes. x = t0 + t1 + t2 exactly, t_j bf16 (`nterms` = 3); when x is already
   bf16-exact (e4m3-quantized activations are) one plane suffices (`nterms` = 1). bf16
   weights with x that is not bf16-exact take the avx2 float32 layout instead (`nterms` 0).
@@ -119,17 +119,30 @@ def fp4_int(x: np.ndarray) -> np.ndarray | None:
     return out if ok else None
 
 
+def balanced_digits(c: np.ndarray, n: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Signed base-256 digits of integers c: c = sum_d 256^d digit_d with every digit in
+    [-128, 127] (int64 arrays, little end first), and what the n digits leave over."""
+    digits = []
+    for _ in range(n):
+        d = ((c + 128) & 255) - 128
+        digits.append(d)
+        c = (c - d) >> 8
+    return digits, c
+
+
 def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
     """x [n, K] -> fp4 integer layout, or None when some 32-group does not fit.
 
     Per group g, E = the lowest set bit exponent of its values and c = x * 2^-E (exact
-    integers) must satisfy |c| < 2^24 (e4m3-quantized x needs at most 18 bits). A 4-group
-    block takes 512 bytes: sign bits placed like the weight nibbles' sign bits [64], then
-    for digit d = 0, 1, 2 of |c| (little end first) the even elements [64] and the odd
-    elements [64], then 16 float32 factors 2^(E-1) (4 per group; the kernels use 2*e2m1).
-    Full blocks whose |c| < 2^16 (two digits suffice) come first: the header lists n2, the
-    number of full blocks and the original index of each stored block; a partial last
-    block (K/32 not a multiple of 4) stays last.
+    integers) must have three signed base-256 digits (balanced_digits; |c| < 2^23 does,
+    e4m3-quantized x needs at most 18 bits). A 4-group block takes 512 bytes: 16 int32
+    corrections [64] (lane L: -12 times the sum of c over elements 8L..8L+7; the kernels
+    look the weights up as 2*e2m1 + 12, unsigned, so this takes the offset back out), then
+    for digit d = 0, 1, 2 of c the even elements [64] and the odd elements [64] (int8),
+    then 16 float32 factors 2^(E-1) (4 per group; the kernels use 2*e2m1). Full blocks
+    whose c have two digits come first: the header lists n2, the number of full blocks
+    and the original index of each stored block; a partial last block (K/32 not a
+    multiple of 4) stays last.
     """
     n, K = x.shape
     ng, nb = K // 32, -(-(K // 32) // 4)
@@ -139,11 +152,14 @@ def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
     E = np.where(E == 999, 0, E)
     if np.any((E - 1 < -126) | (E - 1 > 127)):
         return None
-    a = np.abs(np.ldexp(xg.astype(np.float64), -E[..., None]))
-    if a.max(initial=0) >= 2 ** 24:
+    a = np.ldexp(xg.astype(np.float64), -E[..., None])
+    if np.abs(a).max(initial=0) >= 2 ** 23:
         return None
-    a = a.astype(np.int64)
-    big = (a.reshape(n, nb, -1).max(axis=-1) >= 2 ** 16)            # [n, nb] needs 3 digits
+    c = a.astype(np.int64)
+    digits, rest = balanced_digits(c, 3)
+    if np.any(rest != 0):
+        return None
+    big = (balanced_digits(c, 2)[1] != 0).reshape(n, nb, -1).any(axis=-1)   # [n, nb] 3 digits
     nfull = ng // 4
     order = np.empty((n, nb), np.int64)
     n2 = np.empty(n, np.int64)
@@ -151,12 +167,12 @@ def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
         two = np.flatnonzero(~big[i, :nfull])
         n2[i] = two.size
         order[i] = np.concatenate([two, np.flatnonzero(big[i, :nfull]), np.arange(nfull, nb)])
-    neg = np.signbit(xg)
     blk = np.zeros((n, nb, INT_BLOCK), np.uint8)
     per_block = lambda v: v.reshape(n, nb, 64)  # noqa: E731 - [n, 4*nb, 16] -> [n, nb, 64]
-    blk[:, :, :64] = per_block((neg[..., 0::2] << 3 | neg[..., 1::2] << 7).astype(np.uint8))
+    corr = (-12 * c.reshape(n, nb, 16, 8).sum(axis=-1)).astype(np.int32)      # [n, nb, 16]
+    blk[:, :, :64] = corr.view(np.uint8)
     for d in range(3):
-        digit = ((a >> (8 * d)) & 255).astype(np.uint8)
+        digit = digits[d].astype(np.int8).view(np.uint8)
         blk[:, :, 64 + 128 * d:128 + 128 * d] = per_block(digit[..., 0::2])
         blk[:, :, 128 + 128 * d:192 + 128 * d] = per_block(digit[..., 1::2])
     fac = np.repeat(np.ldexp(F32(1), E - 1).astype(F32), 4, axis=-1)     # [n, 16*nb]

@@ -39,6 +39,7 @@ def fp4_int_rows(x, header, out):
     nb = (ng + 3) // 4
     nfull = ng // 4
     blocks = np.zeros((nb, INT_BLOCK), np.uint8)
+    words = blocks.view(np.int32)                   # [nb, 128]: words 0-15 the corrections
     big = np.zeros(nb, np.bool_)
     order = np.empty(nb, np.int64)
     ob = out.view(np.uint8)
@@ -66,26 +67,30 @@ def fp4_int_rows(x, header, out):
                 blocks[b, o + 3] = (fb >> 24) & 0xFF
             if g >= ng:
                 continue
-            inv = math.ldexp(1.0, -E)                 # exact: |x| * 2^-E is an integer
+            inv = math.ldexp(1.0, -E)                 # exact: x * 2^-E is an integer
+            over = np.int64(0)
             for j in range(16):
-                v0 = x[r, g * 32 + 2 * j]
-                v1 = x[r, g * 32 + 2 * j + 1]
-                a0 = np.int64(abs(np.float64(v0)) * inv)
-                a1 = np.int64(abs(np.float64(v1)) * inv)
-                if a0 >= (1 << 24) or a1 >= (1 << 24):
-                    return False
-                if a0 >= (1 << 16) or a1 >= (1 << 16):
-                    big[b] = True
-                s = 0
-                if f32_bits(v0) >> np.uint32(31):
-                    s |= 8
-                if f32_bits(v1) >> np.uint32(31):
-                    s |= 128
                 slot = gl * 16 + j
-                blocks[b, slot] = s
-                for d in range(3):
-                    blocks[b, 64 + 128 * d + slot] = (a0 >> (8 * d)) & 255
-                    blocks[b, 128 + 128 * d + slot] = (a1 >> (8 * d)) & 255
+                for h in range(2):                    # even element, odd element
+                    a = np.float64(x[r, g * 32 + 2 * j + h]) * inv
+                    if abs(a) >= 2.0 ** 23:
+                        return False
+                    c = np.int64(a)
+                    words[b, slot // 4] -= 12 * c
+                    d0 = ((c + 128) & 255) - 128      # signed base-256 digits
+                    c1 = (c - d0) >> 8
+                    d1 = ((c1 + 128) & 255) - 128
+                    c2 = (c1 - d1) >> 8
+                    d2 = ((c2 + 128) & 255) - 128
+                    over |= (c2 - d2) >> 8            # nonzero: three digits do not hold c
+                    if c2 != 0:
+                        big[b] = True
+                    o = 64 + 64 * h + slot
+                    blocks[b, o] = d0 & 255
+                    blocks[b, o + 128] = d1 & 255
+                    blocks[b, o + 256] = d2 & 255
+            if over != 0:
+                return False
         k = 0
         for b in range(nfull):
             if not big[b]:
