@@ -6,12 +6,13 @@ nibbles to the unsigned bytes 2*e2m1 + 12, and vpdpbusd forms sum(byte * int8 di
 digit plane; the first plane starts from the x layout's correction, -12 * sum(c) per lane,
 which takes the offset back out (so no per-row sign work is needed). Planes are combined in
 int32, converted once per 4 groups and multiplied by 2^(s-127) * 2^(E-1). Blocks whose c
-have two digits (|c| < 2^15; most of them for real activations) are listed first by the x
-layout and done with two planes instead of three, in a separate loop (no per-block branch). Two rows are processed together so the x loads
-are shared (with software prefetch: two interleaved row streams defeat the hardware
-prefetcher). The per-lane scale is built by adding s << 23 to the x factor's exponent when
-the row's e8m0 bytes and the x exponents keep that in the normal range (checked per row);
-otherwise exactly with floats (e8m0 0 -> 2^-127, 255 -> NaN, as the reference).
+have two digits (-32896 <= c <= 32639; most of them for real activations) are listed first
+by the x layout and done with two planes instead of three, in a separate loop (no per-block
+branch). Two rows are processed together so the x loads are shared (with software
+prefetch: two interleaved row streams defeat the hardware prefetcher). The per-lane scale
+is built by adding s << 23 to the x factor's exponent when the row's e8m0 bytes and the x
+exponents keep that in the normal range (checked per row); otherwise exactly with floats
+(e8m0 0 -> 2^-127, 255 -> NaN, as the reference).
 """
 from __future__ import annotations
 
