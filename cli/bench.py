@@ -106,7 +106,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
     import numba  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from dsv4.runtime.benchmark import fill_context, format_table, pp_row, tg_row  # noqa: PLC0415
+    from dsv4.runtime.benchmark import fill_context, format_repeats, format_table, pp_row, tg_row  # noqa: PLC0415
     from dsv4.runtime.model import Model  # noqa: PLC0415
     from dsv4.runtime.model_store import resolve_model  # noqa: PLC0415
     from dsv4.runtime.pages import evict, mapped_pages  # noqa: PLC0415
@@ -155,7 +155,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
             for n in (x for x in tg if x):
                 rows.append(tg_row(m, base, n, repeats, numba.get_num_threads(), probe, m.ckpt))
                 click.echo(format_table(rows[-1:], jit_s).splitlines()[2], err=True)
-    table = format_table(rows, jit_s)
+    table = format_table(rows, jit_s) + "\n\n" + format_repeats(rows)
     if as_json:
         click.echo(json.dumps({"machine": machine_description(), "jit_s": jit_s,
                                "weight_pages": None if pages is None else

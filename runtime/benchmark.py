@@ -192,3 +192,19 @@ def format_table(rows: list[BenchRow], jit_s: float) -> str:
                  "pp = numpy sgemm, measured before each repeat and after the last, first/last shown; "
                  "ratio: mean ± sd over repeats of the repeat's rate / the ceilings around it)")
     return "\n".join(lines)
+
+
+def format_repeats(rows: list[BenchRow]) -> str:
+    """Each repeat of each row: tokens/s, the rate, the mean of the two ceilings measured
+    around it and their ratio (the numbers behind the table's mean ± sd; on a shared machine
+    they show which repeats ran in a fast and which in a slow phase)."""
+    lines = ["per repeat: tok/s, achieved / ceiling around it = ratio"]
+    for r in rows:
+        tg = r.test.startswith("tg")
+        unit = "GB/s" if tg else "GF/s"
+        rates = [r.work_per_token * x / 1e9 for x in r.tps]
+        parts = [f"{x:.2f} tok/s {rate:.1f} / {(r.ceilings[i] + r.ceilings[i + 1]) / 2:.1f} {unit} = {100 * q:.1f}%"
+                 for i, (x, rate, q) in enumerate(zip(r.tps, rates, paired_ratios(rates, r.ceilings)))]
+        lines.append(f"{r.test:>8} {r.depth:>6} {r.threads:>3}  " + " | ".join(parts))
+    return "\n".join(lines)
+

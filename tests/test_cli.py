@@ -1,6 +1,7 @@
 """The `dsv4` command in a subprocess: smoke tests and bad input (one line, non-zero exit)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,11 @@ def test_bench_rows_and_record(tiny_dir, tmp_path):
     assert rows[1]["work_per_token"] < rows[3]["work_per_token"]          # more KV read at depth
     text = rec.read_text()
     assert "command: `dsv4 bench -m" in text and "tg4" in text and "machine:" in text
+    assert "per repeat:" in text                      # each repeat's ratio, as the mean was made of
+    for x in rows:
+        per = paired_ratios([x["work_per_token"] * t / 1e9 for t in x["tps"]], x["ceilings"])
+        line = [ln for ln in text.splitlines() if ln.split()[:3] == [x["test"], str(x["depth"]), "1"] and "=" in ln]
+        assert len(line) == 1 and re.findall(r"= ([0-9.]+)%", line[0]) == [f"{100 * q:.1f}" for q in per]
 
 
 def test_paired_ratios():
