@@ -159,7 +159,7 @@ def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
     digits, rest = balanced_digits(c, 3)
     if np.any(rest != 0):
         return None
-    big = (balanced_digits(c, 2)[1] != 0).reshape(n, nb, -1).any(axis=-1)   # [n, nb] 3 digits
+    big = (digits[2] != 0).reshape(n, nb, -1).any(axis=-1)           # [n, nb] needs 3 digits
     nfull = ng // 4
     order = np.empty((n, nb), np.int64)
     n2 = np.empty(n, np.int64)
