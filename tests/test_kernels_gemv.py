@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 
 from dsv4.quant.blocks import act_quant_values as ref_act_quant_values
 from dsv4.quant.blocks import dequant_fp4_weight
 from dsv4.runtime.kernels import cpu, gemv, ir
-from dsv4.runtime.kernels.actq import act_quant_values
+from dsv4.runtime.kernels.actq import act_quant_values, quant_row
 from dsv4.runtime.kernels.prep import bf16_terms
 from dsv4.runtime.kernels.selfcheck import TOL, problem, worst
 
@@ -234,6 +235,15 @@ def test_act_quant_bit_exact(K, block, rng):
         got, want = act_quant_values(x, block), ref_act_quant_values(x, block)
         assert got.dtype == np.float32 and got.shape == x.shape
         assert np.array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+        inplace = x.copy()                     # quant_row(x, x): its one-array block loop
+        _quant_rows_in_place(inplace, block)
+        assert np.array_equal(inplace.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+@njit(boundscheck=False)
+def _quant_rows_in_place(x, block):
+    for r in range(x.shape[0]):
+        quant_row(x[r], x[r], block)
 
 
 # ------------------------------------------------------------------ variant selection

@@ -53,9 +53,9 @@ def _query_heads(xq, eps, cos, sin, q):
     sequence), heads in parallel."""
     H, D = q.shape[1], q.shape[2]
     for h in prange(H):
-        v = q[0, h]
+        v, src = q[0, h], xq[h * D:(h + 1) * D]     # (indexing xq[h * D + j] kept the loop scalar)
         for j in range(D):
-            v[j] = bf16(xq[h * D + j])
+            v[j] = bf16(src[j])
         head_norm_vec(v, eps, True)
         rope_vec(v, cos, sin, True)
 
@@ -76,9 +76,9 @@ def _index_heads(xqi, cos, sin, qi):
     Ih, Id = qi.shape[1], qi.shape[2]
     q2 = qi.reshape(Ih, Id)
     for h in prange(Ih):
-        v = q2[h]
+        v, src = q2[h], xqi[h * Id:(h + 1) * Id]
         for j in range(Id):
-            v[j] = bf16(xqi[h * Id + j])
+            v[j] = bf16(src[j])
         rope_vec(v, cos, sin, True)
         hadamard_rows(q2[h:h + 1], True)
         q4_rows(q2[h:h + 1], INDEX_BLOCK)
