@@ -5,8 +5,6 @@ call in small-array overhead, these a few.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
 
@@ -15,82 +13,99 @@ from .bits import bits_f32, f32_bits
 INT_BLOCK = 512
 
 
+TWO_DIGITS = (-32896, 32639)          # what two signed base-256 digits hold
+THREE_DIGITS = (-8421504, 8355711)    # and three
+
+
 @njit(inline="always")
-def _lsb(v):
-    """Exponent of the lowest set bit of float32 v (v = odd * 2^lsb); 999 for zero."""
-    u = f32_bits(v) & np.uint32(0x7FFFFFFF)
-    if u == 0:
-        return 999
-    e = np.int64(u >> np.uint32(23))
-    m = np.int64(u & np.uint32(0x7FFFFF))
-    if e > 0:
-        m |= 0x800000
+def _lsb(u):
+    """Exponent of the lowest set bit of the float32 with bits u (v = odd * 2^lsb); 999 for
+    zero. Branch-free, so the loops over a group vectorize."""
+    a = u & np.uint32(0x7FFFFFFF)
+    e = np.int32(a >> np.uint32(23))
+    m = np.int32(a & np.uint32(0x7FFFFF)) | (np.int32(0x800000) if e > 0 else np.int32(0))
     low = m & -m                                  # lowest set bit, a power of two < 2^24
-    tz = np.int64(f32_bits(np.float32(low)) >> np.uint32(23)) - 127
-    return max(e, 1) - 150 + tz
+    tz = np.int32(f32_bits(np.float32(low)) >> np.uint32(23)) - np.int32(127)
+    return max(e, np.int32(1)) - np.int32(150) + tz if a != 0 else np.int32(999)
 
 
 @njit(cache=True, boundscheck=False)
 def fp4_int_rows(x, header, out):
     """x float32 [n, K] -> out float32 [n, L] (header int32 words, then 512-byte blocks).
-    Returns False when some 32-group does not fit (then nothing is usable)."""
+    Returns False when some 32-group does not fit (then nothing is usable). Per row, in
+    passes that vectorize: the groups' exponents E, the integers c = x * 2^-E, then per
+    block its range, corrections, digit planes and factors."""
     n, K = x.shape
     ng = K // 32
     nb = (ng + 3) // 4
     nfull = ng // 4
     blocks = np.zeros((nb, INT_BLOCK), np.uint8)
     words = blocks.view(np.int32)                   # [nb, 128]: words 0-15 the corrections
+    ex = np.empty(nb * 4, np.int32)
+    inv = np.empty(nb * 4, np.float32)
+    c = np.zeros(nb * 128, np.int32)
     big = np.zeros(nb, np.bool_)
     order = np.empty(nb, np.int64)
     ob = out.view(np.uint8)
     oi = out.view(np.int32)
     for r in range(n):
         blocks[:] = 0
-        big[:] = False
+        xr, ur = x[r], x[r].view(np.uint32)
         for g in range(nb * 4):
-            b, gl = g // 4, g % 4
-            E = 999
+            E = np.int32(999)
+            top = np.uint32(0)                      # largest |x| of the group, as bits
             if g < ng:
+                ug = ur[g * 32:g * 32 + 32]
                 for i in range(32):
-                    E = min(E, _lsb(x[r, g * 32 + i]))
+                    E = min(E, _lsb(ug[i]))
+                for i in range(32):
+                    top = max(top, ug[i] & np.uint32(0x7FFFFFFF))
             if E == 999:
-                E = 0
+                E = np.int32(0)
             if E - 1 < -126 or E - 1 > 127:
                 return False
-            fac = bits_f32(np.uint32(E - 1 + 127) << np.uint32(23))
-            fb = f32_bits(fac)
-            for q in range(4):          # 4 copies of the factor per group
-                o = 448 + (gl * 4 + q) * 4
-                blocks[b, o] = fb & 0xFF
-                blocks[b, o + 1] = (fb >> 8) & 0xFF
-                blocks[b, o + 2] = (fb >> 16) & 0xFF
-                blocks[b, o + 3] = (fb >> 24) & 0xFF
-            if g >= ng:
-                continue
-            inv = math.ldexp(1.0, -E)                 # exact: x * 2^-E is an integer
-            over = np.int64(0)
-            for j in range(16):
-                slot = gl * 16 + j
-                for h in range(2):                    # even element, odd element
-                    a = np.float64(x[r, g * 32 + 2 * j + h]) * inv
-                    if abs(a) >= 2.0 ** 23:
-                        return False
-                    c = np.int64(a)
-                    words[b, slot // 4] -= 12 * c
-                    d0 = ((c + 128) & 255) - 128      # signed base-256 digits
-                    c1 = (c - d0) >> 8
-                    d1 = ((c1 + 128) & 255) - 128
-                    c2 = (c1 - d1) >> 8
-                    d2 = ((c2 + 128) & 255) - 128
-                    over |= (c2 - d2) >> 8            # nonzero: three digits do not hold c
-                    if c2 != 0:
-                        big[b] = True
-                    o = 64 + 64 * h + slot
-                    blocks[b, o] = d0 & 255
-                    blocks[b, o + 128] = d1 & 255
-                    blocks[b, o + 256] = d2 & 255
-            if over != 0:
+            # |c| = |x| * 2^-E < 2^23, i.e. |x| < 2^(E + 23) (always, if that is not finite)
+            lim = E + 23 + 127
+            if top >= np.uint32(0x7F800000) or (lim < 255 and top >= np.uint32(lim) << np.uint32(23)):
                 return False
+            ex[g] = E
+            inv[g] = bits_f32(np.uint32(127 - E) << np.uint32(23)) if E < 127 else np.float32(2.0 ** -127)
+        for g in range(ng):                         # exact: x * 2^-E is an integer
+            xg, cg, v = xr[g * 32:g * 32 + 32], c[g * 32:g * 32 + 32], inv[g]
+            for i in range(32):
+                cg[i] = np.int32(xg[i] * v)
+        lo = np.int32(0)
+        hi = np.int32(0)
+        for b in range(nb):
+            cb, bl = c[b * 128:b * 128 + 128], blocks[b]
+            blo = np.int32(0)
+            bhi = np.int32(0)
+            for i in range(128):
+                blo = min(blo, cb[i])
+                bhi = max(bhi, cb[i])
+            big[b] = blo < TWO_DIGITS[0] or bhi > TWO_DIGITS[1]
+            lo, hi = min(lo, blo), max(hi, bhi)
+            for lane in range(16):                  # -12 * sum of c over the lane's 8 elements
+                s = np.int32(0)
+                for i in range(8):
+                    s += cb[8 * lane + i]
+                words[b, lane] = -12 * s
+            for j in range(64):                     # signed digits: even, odd elements
+                for h in range(2):
+                    cc = cb[2 * j + h]
+                    d0 = ((cc + 128) & 255) - 128
+                    c1 = (cc - d0) >> 8
+                    d1 = ((c1 + 128) & 255) - 128
+                    d2 = (c1 - d1) >> 8             # the third digit (c within THREE_DIGITS)
+                    bl[64 + 64 * h + j] = np.uint8(d0 & 255)
+                    bl[192 + 64 * h + j] = np.uint8(d1 & 255)
+                    bl[320 + 64 * h + j] = np.uint8(d2 & 255)
+            for gl in range(4):                     # 4 copies of each group's factor 2^(E-1)
+                fb = np.int32(np.uint32(ex[4 * b + gl] - 1 + 127) << np.uint32(23))
+                for q in range(4):
+                    words[b, 112 + gl * 4 + q] = fb
+        if lo < THREE_DIGITS[0] or hi > THREE_DIGITS[1]:
+            return False
         k = 0
         for b in range(nfull):
             if not big[b]:
@@ -114,8 +129,7 @@ def fp4_int_rows(x, header, out):
             row_i[b] = 0
         base = header * 4
         for b in range(nb):
-            src = order[b]
-            row_b[base + b * INT_BLOCK: base + (b + 1) * INT_BLOCK] = blocks[src]
+            row_b[base + b * INT_BLOCK: base + (b + 1) * INT_BLOCK] = blocks[order[b]]
     return True
 
 
