@@ -1,10 +1,12 @@
 """The fused small operations of the fast backend against the reference ones."""
 import numpy as np
 import pytest
+from numba import njit
 
 from dsv4.runtime.backend import RefBackend
 from dsv4.runtime.hc import HcParams
 from dsv4.runtime.kernels.backend import FastBackend
+from dsv4.runtime.kernels.glue import sumsq
 from dsv4.runtime.numerics import Numerics
 from dsv4.runtime.rope import Rope, yarn_freqs
 
@@ -181,3 +183,33 @@ def test_router_kernel_matches_reference(rng):
                                       select_experts(logits, bias, None, k, func, 1.0)[0])
     with pytest.raises(ValueError, match="hash expert ids"):
         fast.route(logits, bias, np.full((S, k), E), k, "sqrtsoftplus", 1.0)
+
+
+@njit
+def _sumsq_both(v, strided, rnd):
+    return sumsq(v, rnd), sumsq(strided, rnd)
+
+
+@pytest.mark.parametrize("n", [0, 5, 8, 13, 512, 4099])
+def test_sumsq_vector_lanes_match_the_defined_order(n, rng):
+    """sumsq's vector path (contiguous v) and its scalar path (strided v) both equal the
+    defined order: lane l sums the squares of elements j = l (mod 8) below n - n % 8 in
+    float64, the tail goes to lane 0, then ((0+1)+(2+3))+((4+5)+(6+7))."""
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-30, 30, n))).astype(np.float32)
+    if n > 8:
+        x[::7] = 0.0
+        x[3] = np.float32(1e-42)                    # subnormal
+        x[5] = np.float32(3e38)                     # squares overflow float32, not float64
+    strided = np.zeros(2 * n, np.float32)[::2]
+    strided[:] = x
+    for rnd in (False, True):
+        vals = Numerics().bf16(x) if rnd else x
+        s = [0.0] * 8
+        n8 = n - n % 8
+        for j in range(n8):
+            s[j % 8] += float(vals[j]) ** 2
+        for j in range(n8, n):
+            s[0] += float(vals[j]) ** 2
+        want = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+        got, got_strided = _sumsq_both(x, strided, rnd)
+        assert got == want and got_strided == want, (rnd, got, got_strided, want)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from .bits import bits_f32, f32_bits
 
@@ -50,26 +52,79 @@ def _sigmoid(v):
     return F32(1.0 / (1.0 + np.exp(-np.float64(v))))
 
 
+@intrinsic
+def _sq_lanes(typingctx, addr, n8, rnd):
+    """The 8 partial sums of sumsq as vector code: lane l adds the squares of elements j = l
+    (mod 8), j < n8, of the float32 vector at addr, in order, in float64 (each value first
+    rounded to bf16 as `bf16` does, when rnd). The same operations per lane as the scalar
+    loop (fpext, fmul, fadd; nothing fused), so the same bits; LLVM would not vectorize it."""
+    sig = types.UniTuple(types.float64, 8)(types.uint64, types.int64, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        a, n, rnd_ = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vf, vi, vd = ir.VectorType(ir.FloatType(), 8), ir.VectorType(i32, 8), ir.VectorType(ir.DoubleType(), 8)
+
+        def k(c):
+            return ir.Constant(vi, [c] * 8)
+        zero = ir.Constant(vd, [0.0] * 8)
+        base = builder.inttoptr(a, ir.FloatType().as_pointer())
+        entry = builder.block
+        loop = builder.function.append_basic_block("sumsq.loop")
+        done = builder.function.append_basic_block("sumsq.done")
+        builder.cbranch(builder.icmp_signed(">", n, ir.Constant(i64, 0)), loop, done)
+        builder.position_at_end(loop)
+        i = builder.phi(i64)
+        acc = builder.phi(vd)
+        v = builder.load(builder.bitcast(builder.gep(base, [i]), vf.as_pointer()), align=4)
+        u = builder.bitcast(v, vi)
+        up = builder.and_(builder.add(builder.add(u, k(0x7FFF)), builder.and_(builder.lshr(u, k(16)), k(1))),
+                          k(-65536))
+        nan = builder.icmp_unsigned(">", builder.and_(u, k(0x7FFFFFFF)), k(0x7F800000))
+        rounded = builder.bitcast(builder.select(nan, builder.or_(u, k(0x400000)), up), vf)
+        d = builder.fpext(builder.select(rnd_, rounded, v), vd)
+        acc2 = builder.fadd(acc, builder.fmul(d, d))
+        i2 = builder.add(i, ir.Constant(i64, 8))
+        i.add_incoming(ir.Constant(i64, 0), entry)
+        i.add_incoming(i2, loop)
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(acc2, loop)
+        builder.cbranch(builder.icmp_signed("<", i2, n), loop, done)
+        builder.position_at_end(done)
+        res = builder.phi(vd)
+        res.add_incoming(zero, entry)
+        res.add_incoming(acc2, loop)
+        out = context.get_constant_undef(sig.return_type)
+        for lane in range(8):
+            out = builder.insert_value(out, builder.extract_element(res, ir.Constant(i32, lane)), lane)
+        return out
+    return sig, codegen
+
+
 @njit(inline="always")
 def sumsq(v, rnd):
     """Sum of squares of a float32 vector (each value bf16-rounded first when rnd) in
-    float64, in 8 interleaved partial sums (a serial float64 chain is latency-bound)."""
+    float64, in 8 interleaved partial sums (a serial float64 chain is latency-bound); on a
+    contiguous v the partial sums are one vector (_sq_lanes)."""
     n = v.shape[0]
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     n8 = n - n % 8
-    for j in range(0, n8, 8):
-        a0, a1 = np.float64(_rnd(v[j], rnd)), np.float64(_rnd(v[j + 1], rnd))
-        a2, a3 = np.float64(_rnd(v[j + 2], rnd)), np.float64(_rnd(v[j + 3], rnd))
-        a4, a5 = np.float64(_rnd(v[j + 4], rnd)), np.float64(_rnd(v[j + 5], rnd))
-        a6, a7 = np.float64(_rnd(v[j + 6], rnd)), np.float64(_rnd(v[j + 7], rnd))
-        s0 += a0 * a0
-        s1 += a1 * a1
-        s2 += a2 * a2
-        s3 += a3 * a3
-        s4 += a4 * a4
-        s5 += a5 * a5
-        s6 += a6 * a6
-        s7 += a7 * a7
+    if v.strides[0] == 4:
+        s0, s1, s2, s3, s4, s5, s6, s7 = _sq_lanes(np.uint64(v.ctypes.data), np.int64(n8), rnd)
+    else:
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+        for j in range(0, n8, 8):
+            a0, a1 = np.float64(_rnd(v[j], rnd)), np.float64(_rnd(v[j + 1], rnd))
+            a2, a3 = np.float64(_rnd(v[j + 2], rnd)), np.float64(_rnd(v[j + 3], rnd))
+            a4, a5 = np.float64(_rnd(v[j + 4], rnd)), np.float64(_rnd(v[j + 5], rnd))
+            a6, a7 = np.float64(_rnd(v[j + 6], rnd)), np.float64(_rnd(v[j + 7], rnd))
+            s0 += a0 * a0
+            s1 += a1 * a1
+            s2 += a2 * a2
+            s3 += a3 * a3
+            s4 += a4 * a4
+            s5 += a5 * a5
+            s6 += a6 * a6
+            s7 += a7 * a7
     for j in range(n8, n):
         a0 = np.float64(_rnd(v[j], rnd))
         s0 += a0 * a0
