@@ -207,4 +207,3 @@ def format_repeats(rows: list[BenchRow]) -> str:
                  for i, (x, rate, q) in enumerate(zip(r.tps, rates, paired_ratios(rates, r.ceilings)))]
         lines.append(f"{r.test:>8} {r.depth:>6} {r.threads:>3}  " + " | ".join(parts))
     return "\n".join(lines)
-
