@@ -130,7 +130,7 @@ def run(args) -> list[str]:
                 for v in variants:
                     k = gemv.Kernels(v)
                     xp = k.prepare_x(fmt, x)
-                    if xp.nterms == 0 and v == variants[0]:      # fp4 integer layout header
+                    if fmt == "fp4" and xp.nterms == 0 and v == variants[0]:      # fp4 integer layout header
                         n2, nfull = xp.data[0, :2].view(np.int32)
                         note = f"- fp4 {shape[0]}x{shape[1]} quantized x: {n2} of {nfull} blocks need 2 digits (rest 3)"
                         print(note, flush=True)
