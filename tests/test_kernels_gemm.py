@@ -23,6 +23,7 @@ CASES = [  # fmt, M tokens, O rows, K, block
     ("fp4", 5, 13, 96, (128, 128)),
     ("fp4", 17, 37, 2080, (128, 128)),
     ("fp4", 97, 9, 64, (128, 128)),
+    ("fp4", 120, 11, 64, (128, 128)),       # 128 lanes: packed x gets 16 lanes of row padding
     ("fp8", 3, 131, 256, (128, 128)),
     ("fp8", 50, 45, 192, (32, 64)),
     ("fp8", 20, 9, 4096, (128, 128)),
@@ -41,15 +42,20 @@ def _mapped(tmp_path, a, offset=13):
     return np.memmap(path, dtype=a.dtype, mode="r", offset=offset, shape=a.shape)
 
 
+TILES = [False] + ([True] if cpu.amx_ready() else [])   # vdpbf16ps tiles; AMX tiles where the host has them
+
+
+@pytest.mark.parametrize("amx", TILES)
 @pytest.mark.parametrize("fmt,M,O,K,block", CASES)
-def test_gemm_matches_reference(fmt, M, O, K, block, rng, tmp_path):
+def test_gemm_matches_reference(fmt, M, O, K, block, amx, rng, tmp_path):
     W, S, Wr = problem(fmt, rng, O, K, block)
     assert gemm.fits(fmt, K, S, block)
     x = _quantized_x(M, K, rng)
     px = gemm.PackedX.pack(x)
-    assert px is not None and px.xp.shape == (K // 2, -(-M // 16) * 16)
+    lanes = -(-M // 16) * 16
+    assert px is not None and px.xp.shape == (K // 2, lanes + (16 if lanes % 64 == 0 else 0))
     wide = np.full((M, O + 9), np.nan, np.float32)      # into columns 4 .. 4+O of a wider buffer
-    gemm.gemm_into(px, fmt, _mapped(tmp_path, W), S, wide[:, 4:4 + O], block)
+    gemm.gemm_into(px, fmt, _mapped(tmp_path, W), S, wide[:, 4:4 + O], block, amx=amx)
     y = wide[:, 4:4 + O]
     ref = x.astype(np.float64) @ Wr.T.astype(np.float64)
     bound = np.abs(x).astype(np.float64) @ np.abs(Wr).T.astype(np.float64)
@@ -57,7 +63,7 @@ def test_gemm_matches_reference(fmt, M, O, K, block, rng, tmp_path):
     assert np.isnan(wide[:, :4]).all() and np.isnan(wide[:, 4 + O:]).all()   # nothing else written
 
 
-@pytest.mark.parametrize("M,K", [(1, 32), (17, 64), (40, 96), (130, 256)])
+@pytest.mark.parametrize("M,K", [(1, 32), (17, 64), (40, 96), (130, 256), (60, 64)])
 def test_vector_pack_equals_plain_pack(M, K, rng):
     """The IR packing (contiguous rows, K % 32 == 0) against the Numba loop, also on rows
     that are a strided slice, and the bf16-exactness verdict on every position."""
@@ -143,3 +149,19 @@ def test_failed_selfcheck_switches_the_gemm_off(tiny_dir, monkeypatch, caplog):
     assert not model.be.bf16_gemm and "wrong numbers" in caplog.text
     model.be.bf16_gemm, model.be._gemm_checked = True, True
     assert np.abs(model.be.linear(x, w) - y).max() <= 1e-5 * np.abs(y).max()
+
+
+def test_amx_tile_kernel_only_where_the_target_has_amx(monkeypatch, rng):
+    """The avx512 module holds the AMX tile kernel only for an AMX target (else a trap that
+    the driver never calls), and asking for AMX tiles on a host without them is refused."""
+    import llvmlite.binding as llb
+    from dsv4.runtime.kernels import ir
+    for amx in (False, True):
+        text = ir.module_text("avx512", amx)
+        llb.parse_assembly(text).verify()
+        assert ("@llvm.x86.tdpbf16ps" in text) == amx and ("@llvm.trap" in text) != amx
+    monkeypatch.setattr(cpu, "amx_ready", lambda: False)
+    W, S, _ = problem("fp4", rng, 8, 64)
+    px = gemm.PackedX.pack(_quantized_x(3, 64, rng))
+    with pytest.raises(ValueError, match="AMX"):
+        gemm.gemm_into(px, "fp4", W, S, np.empty((3, 8), np.float32), amx=True)

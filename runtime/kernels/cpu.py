@@ -7,13 +7,17 @@ reference the first time it is tried in a process; otherwise the next one is tri
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
 from dataclasses import dataclass, field
 from typing import Callable
 
 import llvmlite.binding as llb
 
-from .ir import REQUIRED, missing_features
+from .ir import REQUIRED, enabled_features, has_amx, missing_features
+
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158   # Linux x86-64
 
 VARIANTS = ("avx512", "avx2", "numba")
 
@@ -27,6 +31,24 @@ def host_features() -> frozenset[str]:
 @functools.cache
 def host_cpu() -> str:
     return llb.get_host_cpu_name()
+
+
+@functools.cache
+def amx_ready() -> bool:
+    """The prefill GEMM may use AMX tiles: Numba's code generator targets AMX-TILE and
+    AMX-BF16 (so the avx512 module holds the tile kernel) and Linux granted this process
+    the tile register state (arch_prctl ARCH_REQ_XCOMP_PERM; without it the first tile
+    instruction kills the process). Asked once per process; the grant is process-wide."""
+    from numba.core.registry import cpu_target
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    if not has_amx(enabled_features(cpu_target.target_context.codegen()._tm_features)):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def unmet(variant: str, features: frozenset[str]) -> tuple[str, ...]:

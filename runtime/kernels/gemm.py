@@ -21,10 +21,11 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import ir, ir_gemm, sources
+from . import cpu, ir, ir_amx, ir_gemm, sources
 from .bits import f32_bits, fetch_add
 
 TILE_LANES = ir_gemm.LANES * ir_gemm.MAX_NJ     # token lanes per tile call
+AMX_TILE_LANES = ir_gemm.LANES * ir_amx.NJ      # the same with AMX tiles
 X_BLOCK_BYTES = 768 * 1024                      # packed x per work unit (L2-resident)
 
 
@@ -68,17 +69,20 @@ def _packer():
 
 @functools.cache
 def _driver():
-    DIGEST, MR, LANES, MAX_NJ = sources.digest(), ir_gemm.MR, ir_gemm.LANES, ir_gemm.MAX_NJ  # noqa: N806
+    DIGEST, LANES, MAX_NJ, AMX_NJ = sources.digest(), ir_gemm.LANES, ir_gemm.MAX_NJ, ir_amx.NJ  # noqa: N806
+    AVX_MR, AMX_MR = ir_gemm.MR, ir_amx.ROWS  # noqa: N806
 
-    def gemm_bf16(fp8, waddr, saddr, O, K, b0, b1, scols, xp, M, mblk, out, wbuf, cbuf):
+    def gemm_bf16(fp8, waddr, saddr, O, K, b0, b1, scols, xp, M, mblk, out, wbuf, cbuf, amx):
         """out [M, O] float32 (rows may be strided) = x times the MXFP4 (fp8 False) or FP8
         (b0 x b1 tile scales, scols per band) matrix at (waddr, saddr) [O, K], x packed;
-        work units (x block of mblk lanes, 8 weight rows) come from a shared counter. Per
-        thread: wbuf [t] (8 * K uint16) the decoded rows, cbuf [t] (8 * mblk float32) the
-        unit's C^T block, transposed into out at the end of the unit."""
+        work units (x block of mblk lanes, mr = 8 weight rows, 16 with AMX tiles) come from
+        a shared counter. Per thread: wbuf [t] (mr * K uint16) the decoded rows, cbuf [t]
+        (mr * mblk float32) the unit's C^T block, transposed into out at the end of the unit."""
         assert DIGEST != ""
-        mpad = xp.shape[1]
-        nob = (O + MR - 1) // MR
+        mr = AMX_MR if amx else AVX_MR
+        mpad = xp.shape[1]                            # the row stride; lanes >= mlanes are padding
+        mlanes = (M + LANES - 1) // LANES * LANES
+        nob = (O + mr - 1) // mr
         nmb = (M + mblk - 1) // mblk
         total = nob * nmb
         nthreads = max(1, min(wbuf.shape[0], total))
@@ -93,8 +97,8 @@ def _driver():
                 if u >= total:
                     break
                 mb = u // nob                         # x block outer: consecutive units share it
-                o0 = (u - mb * nob) * MR
-                nr = min(MR, O - o0)
+                o0 = (u - mb * nob) * mr
+                nr = min(mr, O - o0)
                 if fp8:
                     ir.ir_call("avx512", "dsv4_avx512_fp8_bf16",
                                (waddr + np.uint64(o0 * K), saddr, wb, np.int64(nr), np.int64(K),
@@ -104,22 +108,38 @@ def _driver():
                                (waddr + np.uint64(o0 * (K // 2)), saddr + np.uint64(o0 * (K // 32)), wb,
                                 np.int64(nr), np.int64(K)))
                 mlo = mb * mblk
-                m_end = min(mpad, mlo + mblk)
-                for m0 in range(mlo, m_end, LANES * MAX_NJ):
-                    nj = min(MAX_NJ, (m_end - m0) // LANES)
-                    ir.ir_call("avx512", "dsv4_avx512_bf16_tile",
-                               (wb, np.int64(K), np.int64(nr), xa + np.uint64(4 * m0), np.int64(mpad),
-                                cb + np.uint64(4 * (m0 - mlo)), np.int64(mblk), np.int64(nj)))
+                m_end = min(mlanes, mlo + mblk)
+                if amx:                               # all 16 rows computed, rows >= nr not copied
+                    for m0 in range(mlo, m_end, LANES * AMX_NJ):
+                        nj = min(AMX_NJ, (m_end - m0) // LANES)
+                        ir.ir_call("avx512", "dsv4_avx512_amx_tile",
+                                   (wb, np.int64(K), xa + np.uint64(4 * m0), np.int64(mpad),
+                                    cb + np.uint64(4 * (m0 - mlo)), np.int64(mblk), np.int64(nj)))
+                else:
+                    for m0 in range(mlo, m_end, LANES * MAX_NJ):
+                        nj = min(MAX_NJ, (m_end - m0) // LANES)
+                        ir.ir_call("avx512", "dsv4_avx512_bf16_tile",
+                                   (wb, np.int64(K), np.int64(nr), xa + np.uint64(4 * m0), np.int64(mpad),
+                                    cb + np.uint64(4 * (m0 - mlo)), np.int64(mblk), np.int64(nj)))
                 for m in range(mlo, min(M, m_end)):
                     for r in range(nr):
                         out[m, o0 + r] = ct[r * mblk + m - mlo]
     return njit(cache=True, parallel=True, boundscheck=False)(gemm_bf16)
 
 
-def x_block_lanes(K: int) -> int:
+def padded_lanes(M: int) -> int:
+    """Lanes per pair row of packed x: M rounded up to 16, plus 16 more when the row stride
+    would be a multiple of 256 bytes. The tile kernel reads a few lines from each of
+    thousands of consecutive rows; at such strides they fall into a few cache sets and evict
+    each other (M = 512: 52 instead of 92 GF/s on one Intel core)."""
+    lanes = -(-M // ir_gemm.LANES) * ir_gemm.LANES
+    return lanes + ir_gemm.LANES if lanes % 64 == 0 else lanes
+
+
+def x_block_lanes(K: int, tile_lanes: int = TILE_LANES) -> int:
     """Token lanes per work unit: packed x of the unit within X_BLOCK_BYTES, >= one tile."""
-    lanes = X_BLOCK_BYTES // (2 * K) // TILE_LANES * TILE_LANES
-    return max(TILE_LANES, lanes)
+    lanes = X_BLOCK_BYTES // (2 * K) // tile_lanes * tile_lanes
+    return max(tile_lanes, lanes)
 
 
 class PackedX:
@@ -134,8 +154,7 @@ class PackedX:
         M, K = x.shape
         if K % 2 or M == 0 or x.dtype != np.float32:
             return None
-        mpad = -(-M // ir_gemm.LANES) * ir_gemm.LANES
-        xp = np.empty((K // 2, mpad), np.uint32)
+        xp = np.empty((K // 2, padded_lanes(M)), np.uint32)
         if K % 32 == 0 and x.strides[1] == 4 and x.strides[0] % 4 == 0:
             bad = np.zeros(1, np.int64)
             _packer()(x, xp, bad)
@@ -160,11 +179,13 @@ def fits(fmt: str, K: int, scale: np.ndarray, block: tuple[int, int]) -> bool:
 
 
 def gemm_into(px: PackedX, fmt: str, weight: np.ndarray, scale: np.ndarray, out: np.ndarray,
-              block: tuple[int, int] = (128, 128)) -> None:
+              block: tuple[int, int] = (128, 128), amx: bool | None = None) -> None:
     """out [M, O] float32 (unit column stride, any row stride: e.g. a column range of a
     bigger buffer) = x W^T for an MXFP4 (weight [O, K/2] bytes, scale e8m0 [O, K/32]) or
     FP8 (weight [O, K] e4m3, scale e8m0 [ceil(O/b0), ceil(K/b1)]) matrix that `fits` (the
-    scale range is the caller's check, made once per weight; shapes are checked here)."""
+    scale range is the caller's check, made once per weight; shapes are checked here).
+    `amx`: use AMX tiles (default: where cpu.amx_ready(); True on a host without them is
+    refused)."""
     fp8 = fmt == "fp8"
     O, K = weight.shape[0], weight.shape[1] * (1 if fp8 else 2)
     want = (-(-O // block[0]), -(-K // block[1])) if fp8 else (O, K // 32)
@@ -174,8 +195,13 @@ def gemm_into(px: PackedX, fmt: str, weight: np.ndarray, scale: np.ndarray, out:
         raise ValueError("gemm_into: out must be float32 [M, O] with contiguous rows")
     w = np.ascontiguousarray(weight).view(np.uint8)
     s = np.ascontiguousarray(scale).view(np.uint8)
-    nthreads, mblk = numba.config.NUMBA_NUM_THREADS, x_block_lanes(K)
-    wbuf = np.empty((nthreads, ir_gemm.MR * K), np.uint16)
-    cbuf = np.empty((nthreads, ir_gemm.MR * mblk), np.float32)
+    if amx is None:
+        amx = cpu.amx_ready()
+    elif amx and not cpu.amx_ready():
+        raise ValueError("gemm_into: AMX tiles are not available on this host")
+    mr = ir_amx.ROWS if amx else ir_gemm.MR
+    nthreads, mblk = numba.config.NUMBA_NUM_THREADS, x_block_lanes(K, AMX_TILE_LANES if amx else TILE_LANES)
+    wbuf = np.empty((nthreads, mr * K), np.uint16)
+    cbuf = np.empty((nthreads, mr * mblk), np.float32)
     _driver()(fp8, np.uint64(w.ctypes.data), np.uint64(s.ctypes.data), O, K, block[0], block[1],
-              s.shape[1], px.xp, px.M, mblk, out, wbuf, cbuf)
+              s.shape[1], px.xp, px.M, mblk, out, wbuf, cbuf, bool(amx))

@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from . import ir_avx2, ir_avx512, ir_gemm  # noqa: F401 - ir_avx512 pulls in ir_avx512_int
+from . import ir_amx, ir_avx2, ir_avx512, ir_gemm  # noqa: F401 - ir_avx512 pulls in ir_avx512_int
 
 FORMATS = ("fp4", "fp8", "bf16", "f32")
 MODULES = {"avx512": ir_avx512.module, "avx2": ir_avx2.module}
@@ -31,7 +31,8 @@ REQUIRED = {
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512bf16", "avx512vnni", "fma"),
     "avx2": ("avx2", "fma"),
 }
-PARAMS = ir_gemm.PARAMS            # other exported functions: parameter kinds, 'p' = ptr
+AMX = ("amx-tile", "amx-bf16")     # the avx512 module's tile kernel (ir_amx.py) needs these too
+PARAMS = ir_gemm.PARAMS | ir_amx.PARAMS   # other exported functions: parameter kinds, 'p' = ptr
 SIGNATURE = "(ptr w, ptr s, ptr x, ptr y, i64 nrows, i64 K, i64 nterms, i64 row0, i64 b0, i64 b1, i64 scols)"
 
 
@@ -40,8 +41,14 @@ class UnsupportedISA(RuntimeError):
 
 
 @functools.cache
-def module_text(isa: str) -> str:
-    return MODULES[isa]()
+def module_text(isa: str, amx: bool = False) -> str:
+    """The ISA's module; `amx`: the target has AMX (the avx512 module then holds the AMX
+    tile kernel instead of a trap)."""
+    return ir_avx512.module(amx) if isa == "avx512" else MODULES[isa]()
+
+
+def has_amx(features) -> bool:
+    return all(f in features for f in AMX)
 
 
 def enabled_features(feature_string: str) -> frozenset[str]:
@@ -55,11 +62,12 @@ def missing_features(isa: str, features) -> tuple[str, ...]:
 
 @functools.cache
 def _library(codegen, isa: str):
-    missing = missing_features(isa, enabled_features(codegen._tm_features))
+    features = enabled_features(codegen._tm_features)
+    missing = missing_features(isa, features)
     if missing:
         raise UnsupportedISA(f"{isa} kernels need {', '.join(missing)}, absent on this target")
     lib = codegen.create_library(f"dsv4_ir_{isa}")
-    mod = llb.parse_assembly(module_text(isa))
+    mod = llb.parse_assembly(module_text(isa, has_amx(features)))
     mod.verify()
     lib.add_llvm_module(mod)
     lib.finalize()
@@ -118,10 +126,9 @@ def assembly(isa: str, cpu: str | None = None, features: str | None = None) -> s
     llb.initialize_native_target()
     llb.initialize_native_asmprinter()
     target = llb.Target.from_default_triple()
-    tm = target.create_target_machine(cpu=cpu or llb.get_host_cpu_name(),
-                                      features=features if features is not None else
-                                      llb.get_host_cpu_features().flatten(), opt=3)
-    mod = llb.parse_assembly(module_text(isa))
+    features = features if features is not None else llb.get_host_cpu_features().flatten()
+    tm = target.create_target_machine(cpu=cpu or llb.get_host_cpu_name(), features=features, opt=3)
+    mod = llb.parse_assembly(module_text(isa, has_amx(enabled_features(features))))
     mod.verify()
     pb = llb.create_pass_builder(tm, llb.create_pipeline_tuning_options(3))
     pb.getModulePassManager().run(mod, pb)

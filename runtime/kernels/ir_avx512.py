@@ -25,7 +25,7 @@ import numpy as np
 
 from dsv4.quant.formats import E2M1_VALUES, E4M3_VALUES
 
-from . import ir_avx2, ir_avx512_int, ir_gemm
+from . import ir_amx, ir_avx2, ir_avx512_int, ir_gemm
 from .irgen import Fn, bf16_bits, by_nterms, choose, counted_loop, i8s, mask_first, splat, vec, vsum
 
 Z = "<16 x float>"
@@ -372,7 +372,8 @@ def _fp8_export() -> str:
     return f.end()
 
 
-def module() -> str:
+def module(amx: bool = False) -> str:
+    """The avx512 module text; `amx`: include the AMX tile kernel (else a trap stub)."""
     def bf16(f, r, _):                    # nterms 0: x in the avx2 float layout
         w = f.gep("i8", "%w", f(f"mul i64 {f(f'mul i64 {r}, %K')}, 2"))
         return choose(f, f("icmp eq i64 %nterms, 0"),
@@ -382,7 +383,7 @@ def module() -> str:
     parts = [DECLS] + ir_avx512_int.functions()
     parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt) for nt in NTERMS]
     parts += [_fp8_row128(1, rows=2)]
-    parts += [_bf16_row(nt) for nt in NTERMS] + ir_gemm.functions(_fp8_tables())
+    parts += [_bf16_row(nt) for nt in NTERMS] + ir_gemm.functions(_fp8_tables()) + ir_amx.functions(amx)
     parts += [ir_avx512_int.fp4_export(), _fp8_export(), _export("bf16", bf16)]
     parts += ir_avx2.float_kernels("avx512", ("f32",)) + [ir_avx2.float_row("bf16")]
     return "\n\n".join(parts)
