@@ -1,5 +1,6 @@
-"""Prefill GEMMs alone: the bf16 GEMM (kernels/gemm.py) and the dequantize + sgemm path
-against numpy's sgemm on the same shapes, measured in the same run.
+"""Prefill GEMMs alone: the bf16 GEMM (kernels/gemm.py; vdpbf16ps tiles, and AMX tiles where
+the CPU has them) and the dequantize + sgemm path against numpy's sgemm on the same shapes,
+measured in the same run.
 
 Shapes are the Flash matmuls of a 512-token prefill: routed-expert w1/w3 and w2 at the
 ~96 tokens an expert gets on average (6 of 32 experts) and at 512, the FP8 attention
@@ -9,7 +10,8 @@ backend does per call (packing x for the bf16 GEMM; dequantizing W for the sgemm
 ceiling is `x @ W^T` with W already float32 (numpy's BLAS with the same thread count),
 timed right before and after each row; the ratio divides by their mean. Threading is set
 as the CLI sets it (OpenMP pinned, OPENBLAS_THREAD_TIMEOUT=4, GOMP_SPINCOUNT=30000). The bf16 GEMM can
-exceed 100%: vdpbf16ps does twice the products per instruction of a float32 FMA.
+exceed 100%: on Zen 4 vdpbf16ps does twice the products per cycle of float32 FMAs (on the
+Intel Xeon of the twelfth session half as many), and one AMX tdpbf16ps does 8192.
 
     python bench/gemm.py --threads 1 2 --out bench/results/gemm-zen4.md
 """
@@ -56,7 +58,7 @@ def _gf(flops: float, times: list[float]) -> tuple[float, float]:
 
 def row(name, fmt, M, O, K, threads, reps, rng):
     from dsv4.quant.blocks import act_quant_values
-    from dsv4.runtime.kernels import gemm
+    from dsv4.runtime.kernels import cpu, gemm
     from dsv4.runtime.kernels.dequant import dequant_rows
     from dsv4.runtime.kernels.selfcheck import problem
     from dsv4.runtime.linear import LinearW
@@ -67,8 +69,8 @@ def row(name, fmt, M, O, K, threads, reps, rng):
     out = np.empty((M, O), np.float32)
     scratch = np.empty((O, K), np.float32)
 
-    def bf16():
-        gemm.gemm_into(gemm.PackedX.pack(x), fmt, W, S, out)
+    def bf16(amx):
+        return lambda: gemm.gemm_into(gemm.PackedX.pack(x), fmt, W, S, out, amx=amx)
 
     def sgemm_path():
         np.matmul(x, dequant_rows(lw, 0, O, scratch).T, out=out)
@@ -77,12 +79,14 @@ def row(name, fmt, M, O, K, threads, reps, rng):
         np.matmul(x, Wf.T, out=out)
     flops = 2.0 * M * O * K
     c0 = _gf(flops, _time(ceiling, reps))[0]
-    g = _gf(flops, _time(bf16, reps))
+    g = _gf(flops, _time(bf16(False), reps))
+    a = _gf(flops, _time(bf16(True), reps)) if cpu.amx_ready() else None
     d = _gf(flops, _time(sgemm_path, reps))
     c1 = _gf(flops, _time(ceiling, reps))[0]
     c = (c0 + c1) / 2
-    return (f"| {name} | {fmt} | {M}x{O}x{K} | {threads} | {g[0]:.1f} ± {g[1]:.1f} | {d[0]:.1f} ± {d[1]:.1f} "
-            f"| {c0:.1f} / {c1:.1f} | **{g[0] / c:.0%}** | {d[0] / c:.0%} |")
+    amx, amx_ratio = ("-", "-") if a is None else (f"{a[0]:.1f} ± {a[1]:.1f}", f"**{a[0] / c:.0%}**")
+    return (f"| {name} | {fmt} | {M}x{O}x{K} | {threads} | {g[0]:.1f} ± {g[1]:.1f} | {amx} | {d[0]:.1f} ± {d[1]:.1f} "
+            f"| {c0:.1f} / {c1:.1f} | {g[0] / c:.0%} | {amx_ratio} | {d[0] / c:.0%} |")
 
 
 def main(argv=None) -> int:
@@ -99,9 +103,10 @@ def main(argv=None) -> int:
     from dsv4.cli.bench import machine_description
     lines = ["# prefill GEMMs vs numpy sgemm", "", f"machine: `{json.dumps(machine_description())}`", "",
              "Command: `python " + " ".join(["bench/gemm.py"] + (argv or sys.argv[1:])) + "`", "",
-             "| matmul | format | M x O x K | threads | bf16 GEMM GF/s | dequant + sgemm GF/s | "
-             "sgemm (float32 W) before / after | bf16 GEMM ratio | dequant + sgemm ratio |",
-             "|" + "---|" * 9]
+             "| matmul | format | M x O x K | threads | vdpbf16ps GEMM GF/s | AMX GEMM GF/s | "
+             "dequant + sgemm GF/s | sgemm (float32 W) before / after | vdpbf16ps ratio | AMX ratio | "
+             "dequant + sgemm ratio |",
+             "|" + "---|" * 11]
     rng = np.random.default_rng(0)
     for t in args.threads:
         numba.set_num_threads(t)
