@@ -184,8 +184,8 @@ def gemm_into(px: PackedX, fmt: str, weight: np.ndarray, scale: np.ndarray, out:
     bigger buffer) = x W^T for an MXFP4 (weight [O, K/2] bytes, scale e8m0 [O, K/32]) or
     FP8 (weight [O, K] e4m3, scale e8m0 [ceil(O/b0), ceil(K/b1)]) matrix that `fits` (the
     scale range is the caller's check, made once per weight; shapes are checked here).
-    `amx`: use AMX tiles (default: where cpu.amx_ready(); True on a host without them is
-    refused)."""
+    `amx`: use AMX tiles (default: where cpu.amx_ready() and K % 32 == 0; True elsewhere
+    is refused)."""
     fp8 = fmt == "fp8"
     O, K = weight.shape[0], weight.shape[1] * (1 if fp8 else 2)
     want = (-(-O // block[0]), -(-K // block[1])) if fp8 else (O, K // 32)
@@ -196,9 +196,9 @@ def gemm_into(px: PackedX, fmt: str, weight: np.ndarray, scale: np.ndarray, out:
     w = np.ascontiguousarray(weight).view(np.uint8)
     s = np.ascontiguousarray(scale).view(np.uint8)
     if amx is None:
-        amx = cpu.amx_ready()
-    elif amx and not cpu.amx_ready():
-        raise ValueError("gemm_into: AMX tiles are not available on this host")
+        amx = K % 32 == 0 and cpu.amx_ready()             # A tiles step 32 k at a time
+    elif amx and (K % 32 or not cpu.amx_ready()):
+        raise ValueError("gemm_into: AMX tiles need K % 32 == 0 and a host that has them")
     mr = ir_amx.ROWS if amx else ir_gemm.MR
     nthreads, mblk = numba.config.NUMBA_NUM_THREADS, x_block_lanes(K, AMX_TILE_LANES if amx else TILE_LANES)
     wbuf = np.empty((nthreads, mr * K), np.uint16)
