@@ -38,7 +38,7 @@ declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 FP4_X_SCALE = 2.0 ** -25
 INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte int-mode x block (prep.py)
 FP8_X_SCALE = 2.0 ** 60
-FLOAT_PREFETCH = 16384                # software prefetch distance (bytes) of the bf16/f32 row loop
+FLOAT_PREFETCH = 16384                # software prefetch distance (bytes) of the bf16/f32 row loops (ymm; avx512 bf16)
 
 
 # ------------------------------------------------------------------ layouts (shared with prep)

@@ -32,7 +32,6 @@ Z = "<16 x float>"
 BF = "<32 x bfloat>"
 NTERMS = (1, 2, 3)
 FP8_PREFETCH = 16384          # software prefetch distance (bytes) of the two-row FP8 loop
-BF16_PREFETCH = 16384         # and of the bf16 row loop (weights on file-cache pages need it)
 DECLS = f"""
 declare <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8>, <64 x i8>)
 declare <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8>, <64 x i8>)
@@ -298,8 +297,8 @@ def _bf16_row(nt: int, unroll: int = 4) -> str:
 
     def main(f, u, accs):
         c0 = f(f"mul i64 {u}, {unroll}")
-        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'shl i64 {c0}, 6')}, {BF16_PREFETCH}"))
-        for a in range(unroll):                        # one line per step
+        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'shl i64 {c0}, 6')}, {ir_avx2.FLOAT_PREFETCH}"))
+        for a in range(unroll):        # one line per step; file-cache pages need it
             f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', ahead, 64 * a)}, i32 0, i32 2, i32 1)")
         return sum((_bf16_step(f, f(f"add i64 {c0}, {a}"), accs[a * nt:(a + 1) * nt], nt) for a in range(unroll)), [])
     accs = counted_loop(f, f(f"udiv i64 {nfull}, {unroll}"), main, [(Z, "zeroinitializer")] * (unroll * nt), "main")
