@@ -188,6 +188,23 @@ def test_fp4_integer_layout_digit_edges(variant, c, fits, two, rng):
         assert worst(k.gemv("fp4", W, S, xp), Wr, x) <= TOL
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "numba"])
+@pytest.mark.parametrize("big", [(), (0,), (8,), (0, 3, 4, 8), (1, 2, 5, 6, 7), tuple(range(9))])
+def test_fp4_integer_layout_three_digit_blocks_anywhere(variant, big, rng):
+    """Full blocks that need three digits at the start, the end, in runs and alone between
+    two-digit ones (the kernels walk the two lists of the layout in block order), with a
+    partial last block and an odd row count."""
+    K, O = 9 * 128 + 64, 13
+    W, S, Wr = problem("fp4", rng, O, K)
+    x = np.ldexp(rng.integers(-100, 100, K).astype(np.float32), -6)
+    for b in big:
+        x[128 * b + 37] = np.float32(20000.0)         # c = 20000 * 2^6 > 32639: three digits
+    k = gemv.Kernels(variant)
+    xp = k.prepare_x("fp4", x)
+    assert xp.nterms == 0 and xp.data.view(np.int32)[0, 0] == 9 - len(big)
+    assert worst(k.gemv("fp4", W, S, xp), Wr, x) <= TOL
+
+
 def test_table_rejects_bad_input(rng):
     W, S, _ = problem("fp4", rng, 4, 64)
     with pytest.raises(ValueError, match="scale"):

@@ -225,6 +225,8 @@ def _fp8_row128(nt: int, rows: int = 1) -> str:
             wp = f.gep("i8", ws[r], f(f"add i64 {f(f'shl i64 {t}, 7')}, {64 * c}"))
             ci = f(f"add i64 {f(f'shl i64 {t}, 1')}, {c}")           # x chunk: 2 per tile
             xp = f.gep("i16", "%x", f(f"mul i64 {ci}, {64 * nt}"))
+            if rows > 1 and rem is None:      # interleaved row streams defeat the hardware prefetcher
+                f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', wp, FP8_PREFETCH)}, i32 0, i32 2, i32 1)")
             tmp = _fp8_chunk(f, wp, xp, tmp, nt, tabs, rem if c == nfull else None)
         sc = f(f"load float, ptr {f.gep('float', bufs[r], t)}, align 4")
         return f(f"call {Z} @llvm.fma.v16f32({Z} {vsum(f, tmp)}, {Z} {f.splat('float', 16, sc)}, {Z} {acc})")
@@ -233,11 +235,6 @@ def _fp8_row128(nt: int, rows: int = 1) -> str:
     def two(f, i, accs):
         t0 = f(f"shl i64 {i}, 1")
         t1 = f(f"add i64 {t0}, 1")
-        if rows > 1:                 # interleaved row streams defeat the hardware prefetcher
-            for w in ws:
-                base = f.gep("i8", w, f(f"add i64 {f(f'shl i64 {t0}, 7')}, {FP8_PREFETCH}"))
-                for c in range(4):
-                    f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', base, 64 * c)}, i32 0, i32 2, i32 1)")
         return [a for r in range(rows) for a in (tile(f, r, t0, accs[2 * r]), tile(f, r, t1, accs[2 * r + 1]))]
     pairs = counted_loop(f, f(f"lshr i64 {full}, 1"), two, [(Z, "zeroinitializer")] * (2 * rows), "two")
     accs = [f(f"fadd {Z} {pairs[2 * r]}, {pairs[2 * r + 1]}") for r in range(rows)]
@@ -298,9 +295,11 @@ def _bf16_row(nt: int, unroll: int = 4) -> str:
     def main(f, u, accs):
         c0 = f(f"mul i64 {u}, {unroll}")
         ahead = f.gep("i8", "%w", f(f"add i64 {f(f'shl i64 {c0}, 6')}, {ir_avx2.FLOAT_PREFETCH}"))
-        for a in range(unroll):        # one line per step; file-cache pages need it
+        out = []
+        for a in range(unroll):        # one line per step, each next to its step; file-cache pages need it
             f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', ahead, 64 * a)}, i32 0, i32 2, i32 1)")
-        return sum((_bf16_step(f, f(f"add i64 {c0}, {a}"), accs[a * nt:(a + 1) * nt], nt) for a in range(unroll)), [])
+            out += _bf16_step(f, f(f"add i64 {c0}, {a}"), accs[a * nt:(a + 1) * nt], nt)
+        return out
     accs = counted_loop(f, f(f"udiv i64 {nfull}, {unroll}"), main, [(Z, "zeroinitializer")] * (unroll * nt), "main")
     done = f(f"mul i64 {f(f'udiv i64 {nfull}, {unroll}')}, {unroll}")
     accs = counted_loop(f, f(f"sub i64 {nfull}, {done}"),

@@ -110,15 +110,31 @@ def _fp4_int_rows(nr: int, fast: bool) -> str:
         sps = [f.gep("i8", f"%s{r}", f(f"shl i64 {o}, 2")) for r in range(nr)]
         return _fp4_int_blocks(f, ws, xb, _scales(f, fast, sps, xb, mask), accs, planes, mask)
 
+    def order(f, p):
+        """header: order[p], the original block of stored block p"""
+        op = f.gep("i32", "%x", f(f"add i64 {p}, 2"))
+        return f(f"sext i32 {f(f'load i32, ptr {op}, align 4')} to i64")
+
     def listed(planes, first):
         def body(f, i, accs):
             p = f(f"add i64 {first}, {i}")
-            op = f.gep("i32", "%x", f(f"add i64 {p}, 2"))              # header: order[p]
-            o = f(f"sext i32 {f(f'load i32, ptr {op}, align 4')} to i64")
-            return block(f, p, o, accs, planes)
+            return block(f, p, order(f, p), accs, planes)
         return body
-    accs = counted_loop(f, n2, listed(2, "0"), [(Z, "zeroinitializer")] * nr, "two")
-    accs = counted_loop(f, f(f"sub i64 {nfull}, {n2}"), listed(3, n2), [(Z, a) for a in accs], "three")
+    # Weight blocks in ascending order: three-plane block j (original block o3) follows the
+    # two-plane blocks before it, of which there are o3 - j (both lists ascend). Taking the
+    # lists one after the other revisits each row's skipped blocks at its end, which cost
+    # ~25% of the streaming rate from memory (10.8 -> 13.9 GB/s, one thread).
+    def segment(f, j, carry):
+        accs, done2 = carry[:nr], carry[nr]
+        q = f(f"add i64 {n2}, {j}")
+        o3 = order(f, q)
+        end2 = f(f"sub i64 {o3}, {j}")
+        accs = counted_loop(f, f(f"sub i64 {end2}, {done2}"), listed(2, done2), [(Z, a) for a in accs], "two")
+        return block(f, q, o3, accs, 3) + [end2]
+    carry = counted_loop(f, f(f"sub i64 {nfull}, {n2}"), segment,
+                         [(Z, "zeroinitializer")] * nr + [("i64", "0")], "three")
+    accs, done2 = carry[:nr], carry[nr]
+    accs = counted_loop(f, f(f"sub i64 {n2}, {done2}"), listed(2, done2), [(Z, a) for a in accs], "twoend")
     rem = f("and i64 %ng, 3")
     pre = f.block
     f.cbr(f(f"icmp ne i64 {rem}, 0"), "%part", "%partx")
