@@ -225,7 +225,9 @@ def _fp8_row128(nt: int, rows: int = 1) -> str:
             wp = f.gep("i8", ws[r], f(f"add i64 {f(f'shl i64 {t}, 7')}, {64 * c}"))
             ci = f(f"add i64 {f(f'shl i64 {t}, 1')}, {c}")           # x chunk: 2 per tile
             xp = f.gep("i16", "%x", f(f"mul i64 {ci}, {64 * nt}"))
-            if rows > 1 and rem is None:      # interleaved row streams defeat the hardware prefetcher
+            # interleaved row streams defeat the hardware prefetcher; one prefetch next to each
+            # chunk (8 at the top of each 2-tile step streamed 10% slower)
+            if rows > 1 and rem is None:
                 f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', wp, FP8_PREFETCH)}, i32 0, i32 2, i32 1)")
             tmp = _fp8_chunk(f, wp, xp, tmp, nt, tabs, rem if c == nfull else None)
         sc = f(f"load float, ptr {f.gep('float', bufs[r], t)}, align 4")
