@@ -192,8 +192,8 @@ def test_fp4_integer_layout_digit_edges(variant, c, fits, two, rng):
 @pytest.mark.parametrize("big", [(), (0,), (8,), (0, 3, 4, 8), (1, 2, 5, 6, 7), tuple(range(9))])
 def test_fp4_integer_layout_three_digit_blocks_anywhere(variant, big, rng):
     """Full blocks that need three digits at the start, the end, in runs and alone between
-    two-digit ones (the avx512 kernel merges the layout's two lists by block index), with a
-    partial last block and an odd row count."""
+    two-digit ones (the avx2 and avx512 kernels merge the layout's two lists by block
+    index), with a partial last block and an odd row count."""
     K, O = 9 * 128 + 64, 13
     W, S, Wr = problem("fp4", rng, O, K)
     x = np.ldexp(rng.integers(-100, 100, K).astype(np.float32), -6)

@@ -38,6 +38,7 @@ declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 FP4_X_SCALE = 2.0 ** -25
 INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte int-mode x block (prep.py)
 FP8_X_SCALE = 2.0 ** 60
+PREFETCH = 16384                       # software prefetch distance (bytes) of the fp4 and fp8 rows
 FLOAT_PREFETCH = 16384                # software prefetch distance (bytes) of the bf16/f32 row loops (ymm; avx512 bf16)
 
 
@@ -160,7 +161,10 @@ def _fp4_int_row() -> str:
     def pair(f, p, o, half, acc, planes):
         """Groups 4o + 2half (+1) of the weights; x block p, its half `half`."""
         g = f(f"add i64 {f(f'shl i64 {o}, 2')}, {2 * half}")
-        b32 = f(f"load <32 x i8>, ptr {f.gep('i8', '%w', f(f'shl i64 {g}, 4'))}, align 1")
+        wp = f.gep("i8", "%w", f(f"shl i64 {g}, 4"))
+        if half == 0:                                     # one line per 64-byte block
+            f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', wp, PREFETCH)}, i32 0, i32 2, i32 1)")
+        b32 = f(f"load <32 x i8>, ptr {wp}, align 1")
         xb = f.gep("i8", xblk, f(f"add i64 {f(f'shl i64 {p}, 9')}, {32 * half}"))
         d = _fp4_int_pair(f, b32, xb, planes)
         sp = f.gep("i8", "%s", g)
@@ -171,15 +175,32 @@ def _fp4_int_row() -> str:
         xf = f(f"load {Y}, ptr {f.gep('i8', xb, INT_FACTORS)}, align 4")
         return _fma(f, d, f(f"fmul {Y} {sv}, {xf}"), acc)
 
+    def order(f, p):
+        """header: order[p], the original block of stored block p"""
+        op = f.gep("i32", "%x", f(f"add i64 {p}, 2"))
+        return f(f"sext i32 {f(f'load i32, ptr {op}, align 4')} to i64")
+
+    def block(f, p, o, acc, planes):
+        return pair(f, p, o, 1, pair(f, p, o, 0, acc, planes), planes)
+
     def listed(planes, first):
         def body(f, i, acc):
             p = f(f"add i64 {first}, {i}")
-            op = f.gep("i32", "%x", f(f"add i64 {p}, 2"))                # header: order[p]
-            o = f(f"sext i32 {f(f'load i32, ptr {op}, align 4')} to i64")
-            return [pair(f, p, o, 1, pair(f, p, o, 0, acc[0], planes), planes)]
+            return [block(f, p, order(f, p), acc[0], planes)]
         return body
-    (acc,) = counted_loop(f, n2, listed(2, "0"), [(Y, "zeroinitializer")], "two")
-    (acc,) = counted_loop(f, f(f"sub i64 {nfull}, {n2}"), listed(3, n2), [(Y, acc)], "three")
+
+    # Weight blocks in ascending order, as in ir_avx512_int: three-digit block j (original
+    # block o3) follows the o3 - j two-digit blocks before it (both lists ascend).
+    def segment(f, j, carry):
+        acc, done2 = carry
+        q = f(f"add i64 {n2}, {j}")
+        o3 = order(f, q)
+        end2 = f(f"sub i64 {o3}, {j}")
+        (acc,) = counted_loop(f, f(f"sub i64 {end2}, {done2}"), listed(2, done2), [(Y, acc)], "two")
+        return [block(f, q, o3, acc, 3), end2]
+    acc, done2 = counted_loop(f, f(f"sub i64 {nfull}, {n2}"), segment, [(Y, "zeroinitializer"), ("i64", "0")],
+                              "three")
+    (acc,) = counted_loop(f, f(f"sub i64 {n2}, {done2}"), listed(2, done2), [(Y, acc)], "twoend")
     rem = f("and i64 %ng, 3")                           # partial last block: 1-3 groups
     pre = f.block
     f.cbr(f(f"icmp uge i64 {rem}, 2"), "%p2", "%p2x")
@@ -235,7 +256,17 @@ def _fp8_row() -> str:
                 wv = f(f"bitcast {I} {t} to {Y}")
                 out[p % 2] = _fma(f, wv, f(f"load {Y}, ptr {f.gep('float', xp, 8 * p)}, align 4"), out[p % 2])
             return out
-        ta, tb = counted_loop(f, f(f"lshr i64 {ln}, 5"), chunk, [(Y, "zeroinitializer")] * 2, "ch")
+
+        def line(f, i, tmp):                             # two chunks, one prefetch per 64 bytes
+            c = f(f"shl i64 {i}, 1")
+            off = f(f"add i64 {k0}, {f(f'shl i64 {c}, 5')}")
+            ahead = f.gep("i8", "%w", f(f"add i64 {off}, {PREFETCH}"))
+            f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 2, i32 1)")
+            return chunk(f, f(f"add i64 {c}, 1"), chunk(f, c, tmp))
+        ta, tb = counted_loop(f, f(f"lshr i64 {ln}, 6"), line, [(Y, "zeroinitializer")] * 2, "ln")
+        odd = f(f"and i64 {f(f'lshr i64 {ln}, 5')}, 1")     # a last lone chunk (0 or 1)
+        last = f(f"lshr i64 {f(f'and i64 {ln}, -64')}, 5")
+        ta, tb = counted_loop(f, odd, lambda f, i, tmp: chunk(f, last, tmp), [(Y, ta), (Y, tb)], "ch")
         tmp = f(f"fadd {Y} {ta}, {tb}")
         full = f(f"and i64 {ln}, -32")
 
