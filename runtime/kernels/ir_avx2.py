@@ -22,7 +22,7 @@ import numpy as np
 
 from dsv4.quant.formats import E2M1_VALUES
 
-from .irgen import Fn, choose, counted_loop, splat, vec
+from .irgen import Fn, choose, counted_loop, fp4_int_in_order, splat, vec
 
 Y = "<8 x float>"
 I = "<8 x i32>"
@@ -40,8 +40,7 @@ declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 FP4_X_SCALE = 2.0 ** -25
 INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte int-mode x block (prep.py)
 FP8_X_SCALE = 2.0 ** 60
-PREFETCH = 16384                       # software prefetch distance (bytes) of the fp4 and fp8 rows
-FLOAT_PREFETCH = 16384                # software prefetch distance (bytes) of the bf16/f32 row loops (ymm; avx512 bf16)
+PREFETCH = 16384                      # software prefetch distance (bytes) of the rows (and of the avx512 bf16 row)
 
 
 # ------------------------------------------------------------------ layouts (shared with prep)
@@ -157,7 +156,6 @@ def _fp4_int_row() -> str:
     nb = f("lshr i64 " + f("add i64 %ng, 3") + ", 2")
     words = f(f"and i64 {f(f'add i64 {nb}, 17')}, -16")          # header: (2 + nb) -> 16k words
     xblk = f.gep("i8", "%x", f(f"shl i64 {words}, 2"))
-    n2 = f(f"sext i32 {f('load i32, ptr %x, align 4')} to i64")
     nfull = f("lshr i64 %ng, 2")
 
     def pair(f, p, o, half, acc, planes):
@@ -177,32 +175,9 @@ def _fp4_int_row() -> str:
         xf = f(f"load {Y}, ptr {f.gep('i8', xb, INT_FACTORS)}, align 4")
         return _fma(f, d, f(f"fmul {Y} {sv}, {xf}"), acc)
 
-    def order(f, p):
-        """header: order[p], the original block of stored block p"""
-        op = f.gep("i32", "%x", f(f"add i64 {p}, 2"))
-        return f(f"sext i32 {f(f'load i32, ptr {op}, align 4')} to i64")
-
     def block(f, p, o, acc, planes):
-        return pair(f, p, o, 1, pair(f, p, o, 0, acc, planes), planes)
-
-    def listed(planes, first):
-        def body(f, i, acc):
-            p = f(f"add i64 {first}, {i}")
-            return [block(f, p, order(f, p), acc[0], planes)]
-        return body
-
-    # Weight blocks in ascending order, as in ir_avx512_int: three-digit block j (original
-    # block o3) follows the o3 - j two-digit blocks before it (both lists ascend).
-    def segment(f, j, carry):
-        acc, done2 = carry
-        q = f(f"add i64 {n2}, {j}")
-        o3 = order(f, q)
-        end2 = f(f"sub i64 {o3}, {j}")
-        (acc,) = counted_loop(f, f(f"sub i64 {end2}, {done2}"), listed(2, done2), [(Y, acc)], "two")
-        return [block(f, q, o3, acc, 3), end2]
-    acc, done2 = counted_loop(f, f(f"sub i64 {nfull}, {n2}"), segment, [(Y, "zeroinitializer"), ("i64", "0")],
-                              "three")
-    (acc,) = counted_loop(f, f(f"sub i64 {n2}, {done2}"), listed(2, done2), [(Y, acc)], "twoend")
+        return [pair(f, p, o, 1, pair(f, p, o, 0, acc[0], planes), planes)]
+    (acc,) = fp4_int_in_order(f, "%x", nfull, block, [(Y, "zeroinitializer")])
     rem = f("and i64 %ng, 3")                           # partial last block: 1-3 groups
     pre = f.block
     f.cbr(f(f"icmp uge i64 {rem}, 2"), "%p2", "%p2x")
@@ -313,7 +288,7 @@ def float_row(fmt: str, unroll: int = 2) -> str:
     def main(f, u, accs):
         out = []
         # a line per iteration (2 x 8 f32 or 2 x 16 bf16)
-        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'mul i64 {u}, {unroll * step * esz}')}, {FLOAT_PREFETCH}"))
+        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'mul i64 {u}, {unroll * step * esz}')}, {PREFETCH}"))
         f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 2, i32 1)")
         for j in range(unroll):
             out += step_fn(f, f(f"add i64 {f(f'mul i64 {u}, {unroll}')}, {j}"), accs[j * per:(j + 1) * per])

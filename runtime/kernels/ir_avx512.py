@@ -296,7 +296,7 @@ def _bf16_row(nt: int, unroll: int = 4) -> str:
 
     def main(f, u, accs):
         c0 = f(f"mul i64 {u}, {unroll}")
-        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'shl i64 {c0}, 6')}, {ir_avx2.FLOAT_PREFETCH}"))
+        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'shl i64 {c0}, 6')}, {ir_avx2.PREFETCH}"))
         out = []
         for a in range(unroll):        # one line per step, each next to its step; file-cache pages need it
             f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', ahead, 64 * a)}, i32 0, i32 2, i32 1)")

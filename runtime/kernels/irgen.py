@@ -181,3 +181,37 @@ def by_nterms(f: Fn, name: str, args: str, cases=(1, 2, 3)) -> str:
         f.br(f"%{tag}_j")
     f.label(f"{tag}_j")
     return f.merge("float", vals)
+
+
+def fp4_int_in_order(f: Fn, x: str, nfull: str, block, accs: list[tuple[str, str]]) -> list[str]:
+    """Walk the full blocks of x in the prep.fp4_int layout (header at x: word 0 the number
+    n2 of two-digit blocks, words 2.. the original block of each stored block; the two-digit
+    blocks are stored first, then the three-digit ones, each list ascending) in weight order.
+    block(f, p, o, accs, planes) adds stored block p = original block o to accs and returns
+    them; accs: [(type, initial value)]. Three-digit block j (original block o3) follows the
+    o3 - j two-digit blocks before it. Taking the lists one after the other instead revisits
+    each row's skipped blocks at its end (10.8 -> 13.8 GB/s from memory for the avx512 kernel,
+    one thread). Returns the accumulators."""
+    types = [t for t, _ in accs]
+    n2 = f(f"sext i32 {f(f'load i32, ptr {x}, align 4')} to i64")
+
+    def order(f, p):
+        op = f.gep("i32", x, f(f"add i64 {p}, 2"))
+        return f(f"sext i32 {f(f'load i32, ptr {op}, align 4')} to i64")
+
+    def listed(first):
+        def body(f, i, cur):
+            p = f(f"add i64 {first}, {i}")
+            return block(f, p, order(f, p), cur, 2)
+        return body
+
+    def segment(f, j, carry):
+        cur, done2 = carry[:-1], carry[-1]
+        q = f(f"add i64 {n2}, {j}")
+        o3 = order(f, q)
+        end2 = f(f"sub i64 {o3}, {j}")
+        cur = counted_loop(f, f(f"sub i64 {end2}, {done2}"), listed(done2), list(zip(types, cur)), "two")
+        return block(f, q, o3, cur, 3) + [end2]
+    carry = counted_loop(f, f(f"sub i64 {nfull}, {n2}"), segment, accs + [("i64", "0")], "three")
+    cur, done2 = carry[:-1], carry[-1]
+    return counted_loop(f, f(f"sub i64 {n2}, {done2}"), listed(done2), list(zip(types, cur)), "twoend")
