@@ -11,7 +11,8 @@ import click
 
 from dsv4.runtime.threads import THREADING
 
-from .common import configure_threads, model_option, note_first_compile, numerics_from
+from .common import (configure_threads, drop_cached_pages, model_option, note_first_compile,
+                     numerics_from, pages_line, reload_pages_option)
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -58,16 +59,6 @@ def prefault_weights(ckpt) -> None:
         ckpt.prefault(progress=lambda done, _total: bar.update(done - bar.n))
 
 
-def pages_line(pages, hint: bool = True) -> str:
-    """How much of the weights is resident, and on 2 MB pages (with a hint when few are)."""
-    line = (f"weights resident: {pages.resident / 1e9:.2f} GB, {pages.huge / 1e9:.2f} GB of them "
-            f"on 2 MB pages ({100 * pages.share:.0f}%)")
-    if hint and pages.share < 0.5:
-        line += ("; most are cached in small pages: --reload-pages reads them back on 2 MB "
-                 "pages where the kernel and file system allow")
-    return line
-
-
 @click.command()
 @model_option
 @click.option("-p", "prompts", default="512", show_default=True,
@@ -88,10 +79,7 @@ def pages_line(pages, hint: bool = True) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None,
               help="Also write a markdown record (machine, command, table) to this file.")
-@click.option("--reload-pages", is_flag=True,
-              help="Drop the checkpoint's files from the page cache first, so they are read "
-                   "back from disk on 2 MB pages where the kernel allows (see the 'on 2 MB "
-                   "pages' line; decode runs a few % faster on them).")
+@reload_pages_option
 def bench(model, prompts, gens, repeats, threads, depths, backend, threading, exact, as_json,
           record, reload_pages):
     """Measure prompt processing (pp) and generation (tg) speed.
@@ -109,7 +97,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
     from dsv4.runtime.benchmark import fill_context, format_repeats, format_table, pp_row, tg_row  # noqa: PLC0415
     from dsv4.runtime.model import Model  # noqa: PLC0415
     from dsv4.runtime.model_store import resolve_model  # noqa: PLC0415
-    from dsv4.runtime.pages import evict, mapped_pages  # noqa: PLC0415
+    from dsv4.runtime.pages import mapped_pages  # noqa: PLC0415
     from dsv4.runtime.threads import available_cores, set_threads  # noqa: PLC0415
 
     pp, tg, ds = _ints(prompts, "-p"), _ints(gens, "-n"), _ints(depths, "--depth")
@@ -120,9 +108,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
     folder = resolve_model(model)
     note_first_compile(backend)
     if reload_pages:
-        click.echo("dropping the weights from the page cache (they are read back from disk)...", err=True)
-        from dsv4.runtime.weights import Checkpoint  # noqa: PLC0415
-        evict(Checkpoint(folder).files())
+        drop_cached_pages(folder)
     t0 = time.perf_counter()
     m = Model.load(folder, numerics_from(exact, "current"), backend=backend)
     prefault_weights(m.ckpt)

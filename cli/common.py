@@ -42,6 +42,39 @@ def runtime_options(f):
     return f
 
 
+def reload_pages_option(f):
+    return click.option(
+        "--reload-pages", is_flag=True,
+        help="Drop the checkpoint's files from the page cache first, so they are read back "
+             "from disk on 2 MB pages where the kernel allows (decode on small pages can be "
+             "several times slower on some machines; see the 'on 2 MB pages' line).")(f)
+
+
+def drop_cached_pages(folder: Path) -> None:
+    """--reload-pages: evict the checkpoint's shards from the page cache."""
+    from dsv4.runtime.pages import evict  # noqa: PLC0415
+    from dsv4.runtime.weights import Checkpoint  # noqa: PLC0415
+    click.echo("dropping the weights from the page cache (they are read back from disk)...", err=True)
+    evict(Checkpoint(folder).files())
+
+
+def pages_line(pages, hint: bool = True) -> str:
+    """How much of the weights is resident, and on 2 MB pages (with a hint when few are)."""
+    line = (f"weights resident: {pages.resident / 1e9:.2f} GB, {pages.huge / 1e9:.2f} GB of them "
+            f"on 2 MB pages ({100 * pages.share:.0f}%)")
+    if hint and many_small_pages(pages):
+        line += ("; the rest is cached in small pages, which can make decode several times "
+                 "slower: --reload-pages reads them back on 2 MB pages where the kernel and "
+                 "file system allow")
+    return line
+
+
+def many_small_pages(pages) -> bool:
+    """Less than 90% of the resident weights on 2 MB pages, for a checkpoint of at least
+    256 MB (a tiny one fits in a few 2 MB pages, partly its files' unaligned ends)."""
+    return pages.share < 0.9 and pages.resident >= 256 << 20
+
+
 def numerics_from(exact: bool, revision: str) -> Numerics:
     return Numerics.from_revision(revision, exact=exact)
 

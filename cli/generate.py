@@ -5,8 +5,9 @@ import sys
 
 import click
 
-from .common import (configure_threads, generation_defaults, model_option, note_first_compile,
-                     numerics_from, runtime_options)
+from .common import (configure_threads, drop_cached_pages, generation_defaults, model_option,
+                     many_small_pages, note_first_compile, numerics_from, pages_line,
+                     reload_pages_option, runtime_options)
 
 
 @click.command()
@@ -43,10 +44,11 @@ from .common import (configure_threads, generation_defaults, model_option, note_
 @click.option("--interactive", "-i", is_flag=True,
               help="With --chat: read user turns from stdin line by line even when it is "
                    "not a terminal.")
+@reload_pages_option
 @runtime_options
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed, stop, ctx,
              prefill_chunk, quiet, chat, system, thinking, reasoning_effort, messages_file,
-             interactive, threads, threading, backend, exact, revision):
+             interactive, reload_pages, threads, threading, backend, exact, revision):
     """Generate text from a raw prompt and stream it to stdout.
 
     With --chat, the prompt is a user message in the V4 chat format; reasoning (thinking
@@ -77,6 +79,8 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     configure_threads(threads, threading)
     folder = resolve_model(model, progress=sys.stderr.isatty())
     note_first_compile(backend)
+    if reload_pages:
+        drop_cached_pages(folder)
     m = Model.load(folder, numerics_from(exact, revision), backend=backend, warm=True)
     tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)
 
@@ -100,6 +104,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
             run_turn(session, quiet)
         if interactive:
             chat_loop(session, quiet)
+        note_small_pages(m.ckpt, quiet)
         return
     ids = tok.encode(prompt, add_bos=True)
     capacity = ctx or len(ids) + max_tokens
@@ -119,3 +124,12 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     sys.stdout.flush()
     if not quiet:
         click.echo(stats.summary(), err=True)
+    note_small_pages(m.ckpt, quiet)
+
+
+def note_small_pages(ckpt, quiet: bool) -> None:
+    """Say so on stderr when much of the weights is mapped on small pages (Linux)."""
+    from dsv4.runtime.pages import mapped_pages  # noqa: PLC0415
+    pages = None if quiet else mapped_pages(ckpt.files())
+    if pages is not None and many_small_pages(pages):
+        click.echo(f"note: {pages_line(pages)}", err=True)

@@ -21,12 +21,18 @@ import click
 def make_model(folder, preset, layers, experts, seed, shard_size):
     """Write a random-weight checkpoint into FOLDER (new or empty): FP8 linears, MXFP4
     experts, shards + index, config.json, generation_config.json and a tokenizer (the
-    official one for real-vocabulary presets, a toy BPE for tiny)."""
+    official one for real-vocabulary presets, a toy BPE for tiny). The shards are then
+    dropped from the page cache, so that the first load maps them on 2 MB pages."""
     from dsv4.runtime.random_checkpoint import make_random_checkpoint  # noqa: PLC0415
+    from dsv4.runtime.pages import evict  # noqa: PLC0415
     from dsv4.runtime.weights import Checkpoint  # noqa: PLC0415
 
     cfg = make_random_checkpoint(folder, preset, layers=layers, experts=experts, seed=seed,
                                  shard_bytes=shard_size << 20, progress=sys.stderr.isatty())
-    size = Checkpoint(folder).total_bytes()
+    ckpt = Checkpoint(folder)
+    size = ckpt.total_bytes()
+    # Written pages sit in the page cache in small folios and would be mapped on 4 KB pages;
+    # dropped now, the first load reads them back on 2 MB pages (runtime/pages.py).
+    evict(ckpt.files())
     click.echo(f"wrote {folder}: preset {preset}, {cfg.n_layers} layers, "
                f"{cfg.n_routed_experts} experts, {size / 1e9:.3f} GB")

@@ -6,8 +6,9 @@ walk, its entries often evicted by the stream itself) every 4 KB; on 2 MB pages 
 systems with large-folio support, e.g. xfs and recent ext4) and the mapping asks for them:
 with MADV_HUGEPAGE, a page fault on uncached data reads it ahead as a 2 MB folio. Data
 already cached in small folios stays small until it leaves the page cache, which `evict`
-asks for. On the benchmark model a decoded token took 2-4% less time on 2 MB pages
-(docs/performance.md).
+asks for. How much that matters depends on the machine: on the benchmark model a decoded
+token took 2-4% less time on 2 MB pages on one VM, and 2.3x less on another, whose page
+walks are much dearer (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -32,16 +33,46 @@ def advise_huge(mm: mmap.mmap) -> bool:
 
 def evict(paths: Iterable[Path]) -> None:
     """Ask the kernel to drop the files' cached pages (those no process has mapped), so the
-    next reads come from disk and, under MADV_HUGEPAGE, fill 2 MB folios."""
+    next reads come from disk and, under MADV_HUGEPAGE, fill 2 MB folios. Files just written
+    are flushed first: the kernel only drops clean pages."""
     advice = getattr(os, "POSIX_FADV_DONTNEED", None)
     if advice is None:
         return
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
+            os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, advice)
         finally:
             os.close(fd)
+
+
+def cached_share(path: Path) -> float | None:
+    """Fraction of the file's pages held in the page cache (mincore; None where the C
+    library has no mincore)."""
+    import ctypes  # noqa: PLC0415
+    import ctypes.util  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    try:
+        mincore = ctypes.CDLL(ctypes.util.find_library("c")).mincore
+    except (OSError, AttributeError, TypeError):
+        return None
+    mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mm, np.uint8)
+    vec = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
+    try:
+        if mincore(view.ctypes.data, size, vec.ctypes.data) != 0:
+            return None
+        return float((vec & 1).mean())
+    finally:
+        del view
+        mm.close()
 
 
 @dataclass(frozen=True)

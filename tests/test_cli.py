@@ -8,7 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from test_pages import can_drop_pages
 
+from dsv4.runtime import pages
 from dsv4.runtime.st_writer import write_safetensors
 from dsv4.runtime.weights import Checkpoint
 
@@ -43,7 +45,11 @@ def test_make_model_info_generate(tmp_path):
              "--shard-size", "1")
     assert r.returncode == 0, r.stderr
     assert "3 layers, 4 experts" in r.stdout
-    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    shards = list(folder.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    if can_drop_pages(folder) and pages.cached_share(shards[0]) is not None:
+        # dropped from the page cache after writing, so the first load maps 2 MB pages
+        assert max(pages.cached_share(p) for p in shards) < 0.1
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3 and len(cfg["compress_ratios"]) == 4
     r = dsv4("info", "-m", str(folder), "--json")
@@ -236,3 +242,17 @@ def test_paired_ratios():
     assert paired_ratios([10.0, 30.0], [10.0, 30.0, 30.0]) == [0.5, 1.0]
     with pytest.raises(ValueError, match="ceiling"):
         paired_ratios([1.0, 2.0], [1.0, 2.0])
+
+
+def test_pages_line_hints_only_for_large_checkpoints_on_small_pages():
+    """The 2 MB-page line suggests --reload-pages when under 90% of at least 256 MB of
+    resident weights is on 2 MB pages (generate prints it as a note then)."""
+    from dsv4.cli.common import many_small_pages, pages_line
+    from dsv4.runtime.pages import MappedPages
+    big, tiny = 12 << 30, 4 << 20
+    assert many_small_pages(MappedPages(big, int(0.64 * big)))
+    assert "--reload-pages" in pages_line(MappedPages(big, int(0.64 * big)))
+    assert "--reload-pages" not in pages_line(MappedPages(big, int(0.64 * big)), hint=False)
+    assert not many_small_pages(MappedPages(big, int(0.98 * big)))
+    assert not many_small_pages(MappedPages(tiny, 0))
+    assert "(98%)" in pages_line(MappedPages(big, int(0.98 * big)))
