@@ -11,8 +11,8 @@ import click
 
 from dsv4.runtime.threads import THREADING
 
-from .common import (configure_threads, drop_cached_pages, model_option, note_first_compile,
-                     numerics_from, pages_line, reload_pages_option)
+from .common import (configure_threads, model_option, note_first_compile,
+                     numerics_from, pages_line, prepare_pages, reload_pages_option)
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -107,8 +107,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
     configure_threads(max(ts), threading)
     folder = resolve_model(model)
     note_first_compile(backend)
-    if reload_pages:
-        drop_cached_pages(folder)
+    prepare_pages(folder, reload_pages)
     t0 = time.perf_counter()
     m = Model.load(folder, numerics_from(exact, "current"), backend=backend)
     prefault_weights(m.ckpt)

@@ -45,17 +45,27 @@ def runtime_options(f):
 def reload_pages_option(f):
     return click.option(
         "--reload-pages", is_flag=True,
-        help="Drop the checkpoint's files from the page cache first, so they are read back "
-             "from disk on 2 MB pages where the kernel allows (decode on small pages can be "
-             "several times slower on some machines; see the 'on 2 MB pages' line).")(f)
+        help="Drop all of the checkpoint's files from the page cache first, so they are read "
+             "back from disk on 2 MB pages where the kernel allows. Without it, only the parts "
+             "cached in small pages are dropped (decode on small pages can be several times "
+             "slower on some machines; see the 'on 2 MB pages' line).")(f)
 
 
-def drop_cached_pages(folder: Path) -> None:
-    """--reload-pages: evict the checkpoint's shards from the page cache."""
-    from dsv4.runtime.pages import evict  # noqa: PLC0415
+def prepare_pages(folder: Path, reload: bool) -> None:
+    """Before loading: with --reload-pages drop all of the checkpoint from the page cache;
+    otherwise drop only the 2 MB chunks it holds in small pages (pages.settle_huge), which a
+    mapping could not put on 2 MB pages."""
+    from dsv4.runtime.pages import evict, settle_huge  # noqa: PLC0415
     from dsv4.runtime.weights import Checkpoint  # noqa: PLC0415
-    click.echo("dropping the weights from the page cache (they are read back from disk)...", err=True)
-    evict(Checkpoint(folder).files())
+    files = Checkpoint(folder).files()
+    if reload:
+        click.echo("dropping the weights from the page cache (they are read back from disk)...", err=True)
+        evict(files)
+        return
+    dropped = settle_huge(files)
+    if dropped >= 256 << 20:                     # worth a word (a tiny model's few MB are not)
+        click.echo(f"dsv4: {dropped / 1e9:.2f} GB of the weights sat in the page cache in small pages; "
+                   "dropped them, to be read back on 2 MB pages", err=True)
 
 
 def pages_line(pages, hint: bool = True) -> str:
@@ -63,9 +73,9 @@ def pages_line(pages, hint: bool = True) -> str:
     line = (f"weights resident: {pages.resident / 1e9:.2f} GB, {pages.huge / 1e9:.2f} GB of them "
             f"on 2 MB pages ({100 * pages.share:.0f}%)")
     if hint and many_small_pages(pages):
-        line += ("; the rest is cached in small pages, which can make decode several times "
-                 "slower: --reload-pages reads them back on 2 MB pages where the kernel and "
-                 "file system allow")
+        line += ("; small pages can make decode several times slower (the file system may "
+                 "not hold 2 MB folios, memory may be fragmented, or another process maps the "
+                 "files); --reload-pages reads all of them back from disk")
     return line
 
 

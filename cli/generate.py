@@ -5,9 +5,9 @@ import sys
 
 import click
 
-from .common import (configure_threads, drop_cached_pages, generation_defaults, model_option,
+from .common import (configure_threads, generation_defaults, model_option,
                      many_small_pages, note_first_compile, numerics_from, pages_line,
-                     reload_pages_option, runtime_options)
+                     prepare_pages, reload_pages_option, runtime_options)
 
 
 @click.command()
@@ -79,8 +79,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     configure_threads(threads, threading)
     folder = resolve_model(model, progress=sys.stderr.isatty())
     note_first_compile(backend)
-    if reload_pages:
-        drop_cached_pages(folder)
+    prepare_pages(folder, reload_pages)
     m = Model.load(folder, numerics_from(exact, revision), backend=backend, warm=True)
     tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)
 

@@ -7,6 +7,7 @@ then the data region; offsets are relative to its start (byte 8 + N).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -19,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import CheckpointError
-from .pages import advise_huge
+from .pages import HUGE, advise_huge
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
@@ -87,6 +88,23 @@ class TensorInfo:
         return self.end - self.begin
 
 
+@contextlib.contextmanager
+def _head_view(f, size: int):
+    """The file's bytes, sliceable: through a mapping advised for 2 MB pages where the file
+    holds at least one, so that reading the header leaves its first 2 MB in the page cache as
+    one 2 MB folio (a read() would cache small pages there, which no mapping could then put
+    on a 2 MB page); otherwise through read()."""
+    if size < HUGE:
+        yield f.read()
+        return
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        advise_huge(mm)
+        yield mm
+    finally:
+        mm.close()
+
+
 def _read_header(path: Path) -> tuple[dict, int, int]:
     """Return (parsed JSON header, data region start, data region size)."""
     try:
@@ -95,12 +113,13 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
             if size < 8:
                 raise CheckpointError(
                     f"{path}: truncated safetensors file ({size} bytes; the header length alone needs 8)")
-            n = int.from_bytes(f.read(8), "little")
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-            if n > size - 8:
-                raise CheckpointError(f"{path}: header length {n} exceeds file size {size} minus 8")
-            raw = f.read(n)
+            with _head_view(f, size) as head:
+                n = int.from_bytes(head[:8], "little")
+                if n > MAX_HEADER_BYTES:
+                    raise CheckpointError(f"{path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+                if n > size - 8:
+                    raise CheckpointError(f"{path}: header length {n} exceeds file size {size} minus 8")
+                raw = head[8:8 + n]
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e.strerror})") from None
     try:
