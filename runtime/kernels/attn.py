@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from ..kv_cache import Bf16Store, F32Store, Fp4KeyStore, Fp8KVStore
+from .aligned import aligned_copy, aligned_empty
 from .attn_index import index_scores_into
 from .attn_kv import (read_kv_bf16_into, read_kv_f32_into, read_kv_fp8_into, write_kv_bf16_into,
                       write_kv_bf16_par, write_kv_fp4_into, write_kv_fp4_par, write_kv_fp8_into,
@@ -43,26 +44,6 @@ def _rows(rows, n_rows, name="rows"):
         raise IndexError(f"{name}: values must lie in [0, {n_rows}), got "
                          f"[{rows.min()}, {rows.max()}]")
     return rows
-
-
-def aligned_empty(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
-    """Uninitialised C-contiguous array whose data starts on an `align`-byte boundary.
-    SIMD loads of kv/q/out rows that straddle cache lines cost 8-15% in sparse_attn
-    (measured, AVX2 / AVX-512 code); numpy's own allocations are only 16-byte aligned."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64))
-    buf = np.empty(n * dtype.itemsize + align, np.uint8)
-    off = -buf.ctypes.data % align
-    return buf[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
-
-
-def _aligned_copy(x):
-    """x itself when 64-byte aligned, else an aligned copy (for small per-call inputs)."""
-    if x.ctypes.data % 64 == 0:
-        return x
-    y = aligned_empty(x.shape, x.dtype)
-    y[...] = x
-    return y
 
 
 def _out(out, shape, dtype=np.float32):
@@ -176,7 +157,7 @@ def sparse_attn(q, kv, idx, sink, scale: float, out=None, heads_per_item: int | 
     rows of kv (-1 = none; duplicates count twice), sink f32[H] -> f32[S, H, D]. A query
     with no valid key gets zeros. `heads_per_item`: heads per parallel work item. Build kv
     in an aligned_empty buffer (e.g. read_kv(..., out=buf[a:b]) per part) for full speed."""
-    q = _aligned_copy(np.ascontiguousarray(q, dtype=np.float32))
+    q = aligned_copy(np.ascontiguousarray(q, dtype=np.float32))
     if q.ndim != 3:
         raise ValueError(f"q: expected [S, H, D], got shape {q.shape}")
     _arr(kv, np.float32, "kv", 2)

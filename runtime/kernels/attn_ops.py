@@ -14,7 +14,7 @@ from ..config import INDEX_FP4_BLOCK, KV_FP8_BLOCK
 from ..kv_cache import Fp4KeyStore, Fp8KVStore
 from ..nn import F32
 from . import attn_step
-from .attn import aligned_empty
+from .aligned import aligned_empty
 
 _E1 = np.empty(0, F32)
 

@@ -27,7 +27,7 @@ import numpy as np
 from ..linear import LinearW
 from ..nn import F32
 from . import decode_layer, decode_step, gemv, moe_glue, moe_step, prep
-from .attn import aligned_empty
+from .aligned import aligned_empty, zeros_rows
 from .attn_ops import writable_f32
 from .pack import Pack
 from .weight_index import out_features, table_format, weight_key
@@ -159,7 +159,7 @@ class DecodeOps:
         widths = ((p.spec_q, d), (p.spec_raw, d), (p.spec_qr, a.wq_b.in_features),
                   (p.spec_hc_attn, w.hc_attn.fn.shape[1]), (p.spec_hc_ffn, w.hc_ffn.fn.shape[1]), (p.spec_gate, d),
                   (p.spec_woa, a.wo_a.in_features), (p.spec_wob, a.wo_b.in_features))
-        p.xcat = np.zeros((max(2, G), max(_spec_len(s, K) for s, K in widths)), F32)
+        p.xcat = zeros_rows(max(2, G), max(_spec_len(s, K) for s, K in widths))
         p.xinfo = np.zeros((max(2, G), 3), np.int64)
         p.norms = tuple(writable_f32(x) for x in (w.attn_norm, a.q_norm, w.ffn_norm))
         p.bias = np.zeros(f.gate.shape[0], F32) if f.bias is None else writable_f32(f.bias)

@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import cpu, ir, prep, sources
+from .aligned import aligned_rows, zeros_rows
 from .bits import fetch_add
 from .plain import row_block
 
@@ -278,7 +279,7 @@ class Kernels:
             raise ValueError("xsel must have one entry per job")
         xinfo = np.empty((xp.data.shape[0], 3), np.int64)
         xinfo[:] = (xp.nterms, xp.data.shape[1], table.code)
-        return self.drive_rows(table, mats, xsel, xp.data, xinfo, out)
+        return self.drive_rows(table, mats, xsel, aligned_rows(xp.data), xinfo, out)
 
     def gemv_mixed(self, table: MixedTable, segments, out: np.ndarray | None = None) -> np.ndarray:
         """Jobs of several formats in ONE parallel region: segments [(fmt, rows of that
@@ -297,13 +298,13 @@ class Kernels:
             xs.append(xp)
             rows += xp.data.shape[0]
         if len(xs) == 1:
-            xcat = xs[0].data
+            xcat = aligned_rows(xs[0].data)
         else:
-            xcat = np.zeros((rows, max(xp.data.shape[1] for xp in xs)), np.float32)
+            xcat = zeros_rows(rows, max(xp.data.shape[1] for xp in xs))
         xinfo, r = np.empty((rows, 3), np.int64), 0
         for xp in xs:
             n, L = xp.data.shape
-            if xcat is not xp.data:
+            if len(xs) > 1:
                 xcat[r:r + n, :L] = xp.data
             xinfo[r:r + n] = (xp.nterms, L, FORMATS.index(xp.fmt))
             r += n

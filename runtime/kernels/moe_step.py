@@ -23,6 +23,7 @@ from numba import njit, prange
 
 from . import prep
 from .actq import quant_row
+from .aligned import zeros_rows
 from .moe_glue import combine_rows, swiglu_rows_par
 from .prep_nb import bf16_gather_rows, fp4_int_rows, gather_rows
 
@@ -80,7 +81,7 @@ def stage1(x, idx, w1r, w3r, s1, s3, qblock, int_header, int_len, fp8_idx, fp8_w
     for s in range(S):
         quant_row(x[s], xx[s], qblock)
     xx[S:] = xx[:S]
-    xp = np.zeros((2 * S, max(int_len, fp8_len)), np.float32)
+    xp = zeros_rows(2 * S, max(int_len, fp8_len))
     info = np.empty((2 * S, 3), np.int64)
     ok = _prepare(xx, S, int_header, int_len, fp8_idx, fp8_words, fp8_scale, fp8_len, xp, info)
     mats = np.empty(2 * (nr + S), np.int64)
@@ -116,7 +117,7 @@ def stage2(gu, idx, wts, w2r, s2, inter, limit, shared_limit, wblock, rnd,
         mats[j] = s2 if shared else w2r[idx[j // k, j % k]]
     h = np.empty((n, inter), np.float32)
     swiglu_rows_par(gu, goff, uoff, inter, lim, weight, rnd, wblock, h)
-    xp = np.zeros((n, max(int_len, fp8_len)), np.float32)
+    xp = zeros_rows(n, max(int_len, fp8_len))
     info = np.empty((n, 3), np.int64)
     ok = _prepare(h, nr, int_header, int_len, fp8_idx, fp8_words, fp8_scale, fp8_len, xp, info)
     return ok, xp, info, mats, np.arange(n)
