@@ -47,14 +47,14 @@ def reload_pages_option(f):
         "--reload-pages", is_flag=True,
         help="Drop all of the checkpoint's files from the page cache first, so they are read "
              "back from disk on 2 MB pages where the kernel allows. Without it, only the parts "
-             "cached in small pages are dropped (decode on small pages can be several times "
+             "cached in small pages are read back (decode on small pages can be several times "
              "slower on some machines; see the 'on 2 MB pages' line).")(f)
 
 
 def prepare_pages(folder: Path, reload: bool) -> None:
     """Before loading: with --reload-pages drop all of the checkpoint from the page cache;
-    otherwise drop only the 2 MB chunks it holds in small pages (pages.settle_huge), which a
-    mapping could not put on 2 MB pages."""
+    otherwise read back only the 2 MB chunks it holds in small pages (pages.settle_huge),
+    which no mapping could put on 2 MB pages."""
     from dsv4.runtime.pages import evict, settle_huge  # noqa: PLC0415
     from dsv4.runtime.weights import Checkpoint  # noqa: PLC0415
     files = Checkpoint(folder).files()
@@ -65,7 +65,7 @@ def prepare_pages(folder: Path, reload: bool) -> None:
     dropped = settle_huge(files)
     if dropped >= 256 << 20:                     # worth a word (a tiny model's few MB are not)
         click.echo(f"dsv4: {dropped / 1e9:.2f} GB of the weights sat in the page cache in small pages; "
-                   "dropped them, to be read back on 2 MB pages", err=True)
+                   "read them back from disk on 2 MB pages", err=True)
 
 
 def pages_line(pages, hint: bool = True) -> str:

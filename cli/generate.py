@@ -5,9 +5,9 @@ import sys
 
 import click
 
-from .common import (configure_threads, generation_defaults, model_option,
-                     many_small_pages, note_first_compile, numerics_from, pages_line,
-                     prepare_pages, reload_pages_option, runtime_options)
+from .common import (configure_threads, generation_defaults, many_small_pages, model_option,
+                     note_first_compile, numerics_from, pages_line, prepare_pages,
+                     reload_pages_option, runtime_options)
 
 
 @click.command()

@@ -93,11 +93,14 @@ def _head_view(f, size: int):
     """The file's bytes, sliceable: through a mapping advised for 2 MB pages where the file
     holds at least one, so that reading the header leaves its first 2 MB in the page cache as
     one 2 MB folio (a read() would cache small pages there, which no mapping could then put
-    on a 2 MB page); otherwise through read()."""
-    if size < HUGE:
-        yield f.read()
+    on a 2 MB page); otherwise, or where the file cannot be mapped, through read()."""
+    try:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size >= HUGE else None
+    except (OSError, ValueError):
+        mm = None
+    if mm is None:
+        yield f.read(min(size, 8 + MAX_HEADER_BYTES))
         return
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         advise_huge(mm)
         yield mm
