@@ -323,17 +323,17 @@ def test_default_entry_points(rng):
 
 
 def test_prepared_x_rows_are_aligned_for_the_kernels():
-    """Prepared x rows start on 64-byte boundaries wherever the kernels get them (zeros_rows
-    in compiled code, aligned_rows for rows prepared by NumPy), keeping their contents."""
-    from dsv4.runtime.kernels.aligned import aligned_rows, zeros_rows
+    """Prepared x rows start on 64-byte boundaries wherever the kernels get them: zeros_rows
+    (compiled code: decode, MoE stages) pads rows; prepare_x starts its data aligned."""
+    from dsv4.runtime.kernels import gemv
+    from dsv4.runtime.kernels.aligned import zeros_rows
     for rows, cols in ((1, 1), (2, 100), (3, 4144), (5, 1025)):
         z = zeros_rows(rows, cols)
         assert z.flags.c_contiguous and z.shape[0] == rows and cols <= z.shape[1] < cols + 16
         assert all(z[r].ctypes.data % 64 == 0 for r in range(rows)) and not z.any()
-    base = np.arange(1 + 3 * 37, dtype=np.float32)
-    a = base[1:].reshape(3, 37)                          # 4 bytes off whatever numpy gave
-    b = aligned_rows(a)
-    assert all(b[r].ctypes.data % 64 == 0 for r in range(3))
-    np.testing.assert_array_equal(b[:, :37], a)
-    assert not b[:, 37:].any()
-    assert aligned_rows(b) is b
+    k = gemv.kernels()
+    x = np.random.default_rng(0).standard_normal(4 * 1024).astype(np.float32)
+    for fmt in ("fp4", "fp8", "bf16", "f32"):
+        xp = k.prepare_x(fmt, x[1:1025])                  # input 4 bytes off
+        assert xp.data.ctypes.data % 64 == 0, fmt
+        np.testing.assert_array_equal(xp.data, k.prepare_x(fmt, x[1:1025].copy()).data)

@@ -5,7 +5,8 @@ SIMD loads that straddle cache lines cost: kv/q/out rows of the sparse attention
 offsets that are multiples of 64 bytes from the row's start (the avx512 MXFP4 kernel with x
 16 bytes off: 6.9 instead of 6.1 ns per block of two rows from L2, 5% slower from memory;
 docs/performance.md). NumPy aligns small arrays to 16 bytes and Numba's allocator to 32 at
-times, so such buffers come from here.
+times, so such buffers come from here: prepared x of one row (Kernels.prepare_x) starts aligned, and
+the x layouts' row lengths are multiples of 64 bytes, so the rows of a batch are aligned too.
 """
 from __future__ import annotations
 
@@ -43,14 +44,3 @@ def zeros_rows(rows, cols):
     buf = np.zeros(rows * width + ROW_FLOATS, np.float32)
     skip = (ALIGN - buf.ctypes.data % ALIGN) % ALIGN // 4
     return buf[skip:skip + rows * width].reshape(rows, width)
-
-
-def aligned_rows(a: np.ndarray) -> np.ndarray:
-    """A 2-D array of 4-byte items as C-contiguous rows that all start on 64-byte
-    boundaries: `a` itself when it already is, else a copy whose rows are padded with zeros
-    (callers keep the true row length apart)."""
-    if a.flags.c_contiguous and a.ctypes.data % ALIGN == 0 and (a.shape[1] * a.itemsize) % ALIGN == 0:
-        return a
-    out = zeros_rows(a.shape[0], a.shape[1]).view(a.dtype)
-    out[:, :a.shape[1]] = a
-    return out

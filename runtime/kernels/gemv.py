@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import cpu, ir, prep, sources
-from .aligned import aligned_rows, zeros_rows
+from .aligned import aligned_copy, zeros_rows
 from .bits import fetch_add
 from .plain import row_block
 
@@ -265,7 +265,7 @@ class Kernels:
         if fmt == "fp4" and x2.shape[1] % 32:
             raise ValueError(f"fp4 needs K a multiple of 32, got {x2.shape[1]}")
         data, nt = prep.prepare(self.variant, fmt, x2, int(b1))
-        return XPrep(data, nt, self.variant, fmt, int(b1))
+        return XPrep(aligned_copy(data), nt, self.variant, fmt, int(b1))
 
     def gemv_batch(self, table: MatTable, mats, xp: XPrep, xsel=None, out: np.ndarray | None = None) -> np.ndarray:
         """y = concat_j W[mats[j]] @ x[xsel[j]] (float32 [sum of out_features]); into `out`
@@ -279,7 +279,7 @@ class Kernels:
             raise ValueError("xsel must have one entry per job")
         xinfo = np.empty((xp.data.shape[0], 3), np.int64)
         xinfo[:] = (xp.nterms, xp.data.shape[1], table.code)
-        return self.drive_rows(table, mats, xsel, aligned_rows(xp.data), xinfo, out)
+        return self.drive_rows(table, mats, xsel, xp.data, xinfo, out)
 
     def gemv_mixed(self, table: MixedTable, segments, out: np.ndarray | None = None) -> np.ndarray:
         """Jobs of several formats in ONE parallel region: segments [(fmt, rows of that
@@ -298,7 +298,7 @@ class Kernels:
             xs.append(xp)
             rows += xp.data.shape[0]
         if len(xs) == 1:
-            xcat = aligned_rows(xs[0].data)
+            xcat = xs[0].data
         else:
             xcat = zeros_rows(rows, max(xp.data.shape[1] for xp in xs))
         xinfo, r = np.empty((rows, 3), np.int64), 0
