@@ -56,8 +56,8 @@ def prepare_pages(folder: Path, reload: bool) -> None:
     otherwise read back only the 2 MB chunks it holds in small pages (pages.settle_huge),
     which no mapping could put on 2 MB pages."""
     from dsv4.runtime.pages import evict, settle_huge  # noqa: PLC0415
-    from dsv4.runtime.weights import Checkpoint  # noqa: PLC0415
-    files = Checkpoint(folder).files()
+    from dsv4.runtime.weights import shard_paths  # noqa: PLC0415
+    files = shard_paths(folder)               # Model.load parses the headers afterwards
     if reload:
         click.echo("dropping the weights from the page cache (they are read back from disk)...", err=True)
         evict(files)

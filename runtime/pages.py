@@ -123,10 +123,11 @@ def small_page_chunks(path: Path, batch: int = 4096, enough: float = 0.95) -> li
     cached chunks on 2 MB pages that ends the search with an empty list. None where the
     kernel does not tell (no smaps, no transparent huge pages, no mincore)."""
     size = os.path.getsize(path)
-    if size < HUGE or getattr(mmap, "MADV_HUGEPAGE", None) is None:
-        return [] if size < HUGE else None
-    with open(path, "rb") as f:
-        fd = os.dup(f.fileno())
+    if size < HUGE:
+        return []
+    if getattr(mmap, "MADV_HUGEPAGE", None) is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
     try:
         whole = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         try:

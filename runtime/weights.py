@@ -252,6 +252,50 @@ class SafetensorsFile:
         return raw.view(dtype=np_dtype, type=np.ndarray).reshape(shape)
 
 
+def _index_shards(index: Path) -> dict[str, list[str]]:
+    """The shards an index file names, each with its tensor names (checked: a JSON
+    weight_map of plain file names that exist next to the index)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: cannot read as JSON ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' object")
+    if not weight_map:
+        raise CheckpointError(f"{index}: weight_map is empty")
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        if shard not in by_shard:
+            if type(shard) is not str or not shard or Path(shard).name != shard:
+                raise CheckpointError(
+                    f"{index}: weight_map entry {name!r} must name a shard file in the folder, got {shard!r}")
+            by_shard[shard] = []
+        by_shard[shard].append(name)
+    for shard, names in by_shard.items():
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index}: shard {shard} (for tensor {names[0]!r}) does not exist")
+    return by_shard
+
+
+def _all_shards(folder: Path) -> list[Path]:
+    """Every *.safetensors file of a folder without an index (at least one)."""
+    paths = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if not paths:
+        raise CheckpointError(f"model folder {folder} holds no *.safetensors files and no {INDEX_NAME}")
+    return paths
+
+
+def shard_paths(folder: str | os.PathLike) -> list[Path]:
+    """The shard files of a model folder, as Checkpoint finds them, without parsing their
+    headers (for page-cache work before loading)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    index = folder / INDEX_NAME
+    return [folder / s for s in sorted(_index_shards(index))] if index.exists() else _all_shards(folder)
+
+
 class Checkpoint:
     """A model folder: shards located through ``model.safetensors.index.json`` or, without
     one, every ``*.safetensors`` file in the folder."""
@@ -269,27 +313,9 @@ class Checkpoint:
             self._open_all()
 
     def _open_indexed(self, index: Path) -> None:
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{index}: cannot read as JSON ({e})") from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' object")
-        if not weight_map:
-            raise CheckpointError(f"{index}: weight_map is empty")
-        by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            if shard not in by_shard:
-                if type(shard) is not str or not shard or Path(shard).name != shard:
-                    raise CheckpointError(
-                        f"{index}: weight_map entry {name!r} must name a shard file in the folder, got {shard!r}")
-                by_shard[shard] = []
-            by_shard[shard].append(name)
+        by_shard = _index_shards(index)
         for shard in sorted(by_shard):
             path = self.folder / shard
-            if not path.is_file():
-                raise CheckpointError(f"{index}: shard {shard} (for tensor {by_shard[shard][0]!r}) does not exist")
             st = SafetensorsFile(path)
             listed = by_shard[shard]
             for name in listed:
@@ -304,10 +330,7 @@ class Checkpoint:
                 self._infos[info.name] = info
 
     def _open_all(self) -> None:
-        paths = sorted(p for p in self.folder.glob("*.safetensors") if p.is_file())
-        if not paths:
-            raise CheckpointError(f"model folder {self.folder} holds no *.safetensors files and no {INDEX_NAME}")
-        for path in paths:
+        for path in _all_shards(self.folder):
             st = SafetensorsFile(path)
             for info in st.infos():
                 prior = self._infos.get(info.name)

@@ -74,7 +74,8 @@ def _huge_file_support(tmp_path) -> bool:
     probe = tmp_path / "probe.bin"
     probe.write_bytes(bytes(pages.HUGE * 2))
     pages.evict([probe])
-    st = mmap.mmap(os.open(probe, os.O_RDONLY), 0, access=mmap.ACCESS_READ)
+    with open(probe, "rb") as f:
+        st = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     pages.advise_huge(st)
     st[0]
     st[pages.HUGE]
@@ -149,3 +150,24 @@ def test_settle_gives_up_where_chunks_do_not_come_back_huge():
         assert os.path.getsize(path) == 3 * pages.HUGE
     finally:
         os.unlink(path)
+
+
+def test_shard_paths_lists_what_checkpoint_opens(tmp_path):
+    """The page-cache work before loading lists the shards without parsing them: the same
+    files Checkpoint opens, with and without an index; a bad folder is a CheckpointError."""
+    import json
+
+    from dsv4.runtime.errors import CheckpointError
+    from dsv4.runtime.weights import INDEX_NAME, Checkpoint, shard_paths
+    for name in ("b.safetensors", "a.safetensors"):
+        write_safetensors(tmp_path / name, {name[0]: ("U8", np.ones(4, np.uint8))})
+    assert shard_paths(tmp_path) == Checkpoint(tmp_path).files() == [tmp_path / "a.safetensors",
+                                                                      tmp_path / "b.safetensors"]
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"b": "b.safetensors"}}))
+    (tmp_path / "a.safetensors").unlink()
+    assert shard_paths(tmp_path) == Checkpoint(tmp_path).files() == [tmp_path / "b.safetensors"]
+    (tmp_path / INDEX_NAME).write_text(json.dumps({"weight_map": {"c": "c.safetensors"}}))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        shard_paths(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        shard_paths(tmp_path / "missing")

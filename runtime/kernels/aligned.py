@@ -5,8 +5,8 @@ SIMD loads that straddle cache lines cost: kv/q/out rows of the sparse attention
 offsets that are multiples of 64 bytes from the row's start (the avx512 MXFP4 kernel with x
 16 bytes off: 6.9 instead of 6.1 ns per block of two rows from L2, 5% slower from memory;
 docs/performance.md). NumPy aligns small arrays to 16 bytes and Numba's allocator to 32 at
-times, so such buffers come from here: prepared x of one row (Kernels.prepare_x) starts aligned, and
-the x layouts' row lengths are multiples of 64 bytes, so the rows of a batch are aligned too.
+times, so such buffers come from here. Kernels.prepare_x starts its rows aligned, and the x
+layouts' row lengths are multiples of 64 bytes, so every row of a batch is aligned too.
 """
 from __future__ import annotations
 
