@@ -12,7 +12,7 @@ import click
 from dsv4.runtime.threads import THREADING
 
 from .common import (configure_threads, model_option, note_first_compile,
-                     numerics_from, pages_line, prepare_pages, reload_pages_option)
+                     load_model, numerics_from, pages_line, weight_pages, weights_options)
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -49,6 +49,27 @@ def machine_description() -> dict:
             "numba": numba.__version__, "llvmlite": llvmlite.__version__}
 
 
+def weights_memory(ckpt, probe, sample: int = 1 << 30) -> tuple[float, float] | None:
+    """(GB/s reading a sample of the weights where they sit, GB/s reading the probe's fresh
+    buffer), with the current thread count; None for a checkpoint too small to sample
+    beyond the caches (under half of `sample`)."""
+    from dsv4.runtime.kernels.membw import read_bandwidth, sample_words  # noqa: PLC0415
+    words = sample_words(ckpt.buffers(), sample)
+    if sum(w.nbytes for w in words) < sample // 2:
+        return None
+    return read_bandwidth(words), probe.measure()
+
+
+def memory_line(weights: float, fresh: float, in_memory: bool, hint: bool = True) -> str:
+    """The weights' memory against fresh memory, with a hint when it is much slower."""
+    where = "the weights (read into memory)" if in_memory else "the weights (mapped)"
+    line = f"memory read: {where} {weights:.1f} GB/s, a fresh buffer {fresh:.1f} GB/s ({100 * weights / fresh:.0f}%)"
+    if hint and not in_memory and weights < 0.9 * fresh:
+        line += ("; the page cache holding the weights streams slower than this process's own "
+                 "memory here, and decode with it: --no-mmap reads them into process memory")
+    return line
+
+
 def prefault_weights(ckpt) -> None:
     """Fault in every weight page before timing, with a progress bar on a terminal."""
     total = ckpt.total_bytes()
@@ -79,9 +100,9 @@ def prefault_weights(ckpt) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None,
               help="Also write a markdown record (machine, command, table) to this file.")
-@reload_pages_option
+@weights_options
 def bench(model, prompts, gens, repeats, threads, depths, backend, threading, exact, as_json,
-          record, reload_pages):
+          record, reload_pages, no_mmap):
     """Measure prompt processing (pp) and generation (tg) speed.
 
     tg rows report bytes read per decoded token (weights actually touched plus KV), the
@@ -95,9 +116,7 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
     import numpy as np  # noqa: PLC0415
 
     from dsv4.runtime.benchmark import fill_context, format_repeats, format_table, pp_row, tg_row  # noqa: PLC0415
-    from dsv4.runtime.model import Model  # noqa: PLC0415
     from dsv4.runtime.model_store import resolve_model  # noqa: PLC0415
-    from dsv4.runtime.pages import mapped_pages  # noqa: PLC0415
     from dsv4.runtime.threads import available_cores, set_threads  # noqa: PLC0415
 
     pp, tg, ds = _ints(prompts, "-p"), _ints(gens, "-n"), _ints(depths, "--depth")
@@ -107,15 +126,17 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
     configure_threads(max(ts), threading)
     folder = resolve_model(model)
     note_first_compile(backend)
-    prepare_pages(folder, reload_pages)
     t0 = time.perf_counter()
-    m = Model.load(folder, numerics_from(exact, "current"), backend=backend)
+    m = load_model(folder, numerics_from(exact, "current"), backend, reload_pages, no_mmap)
     prefault_weights(m.ckpt)
-    pages = mapped_pages(m.ckpt.files())
+    pages = weight_pages(m.ckpt)
     if pages is not None:
         click.echo(pages_line(pages), err=True)
     from dsv4.runtime.kernels.membw import BandwidthProbe  # noqa: PLC0415
     probe = BandwidthProbe()
+    memory = weights_memory(m.ckpt, probe)
+    if memory is not None:
+        click.echo(memory_line(*memory, m.ckpt.in_memory), err=True)
     t1 = time.perf_counter()
     warm = m.new_cache(16)
     m.forward(np.arange(1, 9), warm)
@@ -145,6 +166,9 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
         click.echo(json.dumps({"machine": machine_description(), "jit_s": jit_s,
                                "weight_pages": None if pages is None else
                                {"resident_bytes": pages.resident, "huge_bytes": pages.huge},
+                               "weights_in_memory": m.ckpt.in_memory,
+                               "read_gbs": None if memory is None else
+                               {"weights": memory[0], "fresh": memory[1]},
                                "rows": [r.to_dict() for r in rows]}, indent=2))
     else:
         click.echo(table)
@@ -158,4 +182,5 @@ def bench(model, prompts, gens, repeats, threads, depths, backend, threading, ex
                     f"{' (spinning)' if os.environ.get('OMP_WAIT_POLICY') == 'active' else ''}, "
                     f"{m.num.describe()}"
                     f"{'' if pages is None else '; ' + pages_line(pages, hint=False)}"
+                    f"{'' if memory is None else '; ' + memory_line(*memory, m.ckpt.in_memory, hint=False)}"
                     f"\n\n```\n{table}\n```\n")

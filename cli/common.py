@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
 
+from dsv4.runtime.errors import DsvError
 from dsv4.runtime.numerics import Numerics
 from dsv4.runtime.threads import THREADING
 
@@ -42,13 +44,45 @@ def runtime_options(f):
     return f
 
 
-def reload_pages_option(f):
+def weights_options(f):
+    """--reload-pages and --no-mmap: where the weights sit in memory."""
+    f = click.option(
+        "--no-mmap", "no_mmap", is_flag=True,
+        help="Read the weights into this process's own memory instead of mapping the files: "
+             "every launch then reads the whole checkpoint (slower start, no sharing with other "
+             "processes), but on machines where the page cache sits in slower memory decode "
+             "streams faster (`dsv4 bench` compares the two memories).")(f)
     return click.option(
         "--reload-pages", is_flag=True,
         help="Drop all of the checkpoint's files from the page cache first, so they are read "
              "back from disk on 2 MB pages where the kernel allows. Without it, only the parts "
              "cached in small pages are read back (decode on small pages can be several times "
              "slower on some machines; see the 'on 2 MB pages' line).")(f)
+
+
+def load_model(folder: Path, numerics: Numerics, backend: str, reload_pages: bool, no_mmap: bool,
+               warm: bool = False):
+    """Model.load after the page work: prepare_pages for mapped weights; with --no-mmap the
+    shards are read into memory, with a progress bar on a terminal."""
+    from dsv4.runtime.model import Model  # noqa: PLC0415
+    if no_mmap and reload_pages:
+        raise DsvError("--reload-pages concerns mapped weights; --no-mmap reads them into memory")
+    if not no_mmap:
+        prepare_pages(folder, reload_pages)
+        return Model.load(folder, numerics, backend=backend, warm=warm)
+    from tqdm import tqdm  # noqa: PLC0415
+    with tqdm(unit="B", unit_scale=True, desc="reading weights", leave=False,
+              disable=not sys.stderr.isatty()) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        return Model.load(folder, numerics, backend=backend, in_memory=True, progress=progress)
+
+
+def weight_pages(ckpt):
+    """MappedPages of the checkpoint's weights: its file mappings, or its in-memory copies."""
+    from dsv4.runtime.pages import mapped_pages, memory_pages  # noqa: PLC0415
+    return memory_pages(ckpt.buffers()) if ckpt.in_memory else mapped_pages(ckpt.files())
 
 
 def prepare_pages(folder: Path, reload: bool) -> None:

@@ -6,8 +6,8 @@ import sys
 import click
 
 from .common import (configure_threads, generation_defaults, many_small_pages, model_option,
-                     note_first_compile, numerics_from, pages_line, prepare_pages,
-                     reload_pages_option, runtime_options)
+                     load_model, note_first_compile, numerics_from, pages_line, runtime_options,
+                     weights_options)
 
 
 @click.command()
@@ -44,11 +44,11 @@ from .common import (configure_threads, generation_defaults, many_small_pages, m
 @click.option("--interactive", "-i", is_flag=True,
               help="With --chat: read user turns from stdin line by line even when it is "
                    "not a terminal.")
-@reload_pages_option
+@weights_options
 @runtime_options
 def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed, stop, ctx,
              prefill_chunk, quiet, chat, system, thinking, reasoning_effort, messages_file,
-             interactive, reload_pages, threads, threading, backend, exact, revision):
+             interactive, reload_pages, no_mmap, threads, threading, backend, exact, revision):
     """Generate text from a raw prompt and stream it to stdout.
 
     With --chat, the prompt is a user message in the V4 chat format; reasoning (thinking
@@ -59,7 +59,6 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     from dsv4.runtime.errors import DsvError  # noqa: PLC0415
     from dsv4.runtime.generate import GenerationConfig, GenerationStats  # noqa: PLC0415
     from dsv4.runtime.generate import generate as run  # noqa: PLC0415
-    from dsv4.runtime.model import Model  # noqa: PLC0415
     from dsv4.runtime.model_store import resolve_model  # noqa: PLC0415
     from dsv4.runtime.sampler import SamplingParams  # noqa: PLC0415
     from dsv4.runtime.tokenizer import Tokenizer  # noqa: PLC0415
@@ -79,8 +78,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     configure_threads(threads, threading)
     folder = resolve_model(model, progress=sys.stderr.isatty())
     note_first_compile(backend)
-    prepare_pages(folder, reload_pages)
-    m = Model.load(folder, numerics_from(exact, revision), backend=backend, warm=True)
+    m = load_model(folder, numerics_from(exact, revision), backend, reload_pages, no_mmap, warm=True)
     tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)
 
     defaults = {"temperature": 0.6, **generation_defaults(folder)}
@@ -129,6 +127,6 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
 def note_small_pages(ckpt, quiet: bool) -> None:
     """Say so on stderr when much of the weights is mapped on small pages (Linux)."""
     from dsv4.runtime.pages import mapped_pages  # noqa: PLC0415
-    pages = None if quiet else mapped_pages(ckpt.files())
+    pages = None if quiet or ckpt.in_memory else mapped_pages(ckpt.files())
     if pages is not None and many_small_pages(pages):
         click.echo(f"note: {pages_line(pages)}", err=True)

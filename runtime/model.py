@@ -10,6 +10,7 @@ decode all go through the same code.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +60,16 @@ class Model:
 
     @classmethod
     def load(cls, model_dir: str | Path, numerics: Numerics | None = None,
-             backend: str = "ref", with_mtp: bool = True, warm: bool = False) -> "Model":
+             backend: str = "ref", with_mtp: bool = True, warm: bool = False, in_memory: bool = False,
+             progress: Callable[[int, int], None] | None = None) -> "Model":
         """Map and validate a checkpoint folder. ``warm``: page in the weights every token
         reads on a background thread, overlapping the backend's start-up (shortens the first
-        forward of a fresh process)."""
+        forward of a fresh process). ``in_memory``: read the shards into this process's
+        memory first instead of mapping them (Checkpoint.read_in; progress(done, total))."""
         num = numerics or Numerics()
         cfg = ModelConfig.load(model_dir)
-        ckpt = Checkpoint(model_dir)
+        ckpt = Checkpoint(model_dir, in_memory=in_memory)
+        ckpt.read_in(progress)
         weights = load_weights(ckpt, cfg, with_mtp=with_mtp)
         if warm:
             ckpt.prefault_background(per_token_weights(cfg, ckpt.names()))

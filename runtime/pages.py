@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,78 @@ def evict(paths: Iterable[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, advice)
         finally:
             os.close(fd)
+
+
+def read_into_memory(path: Path, progress: Callable[[int], None] | None = None,
+                     chunk: int = 64 << 20, workers: int | None = None) -> np.ndarray:
+    """The whole file read into this process's own memory (a private anonymous mapping
+    advised for 2 MB pages, first written by this process), as a read-only uint8 array.
+
+    Where the page cache sits matters on some machines: its pages are placed by whoever
+    first wrote them, which for data read from disk can be memory that streams slower
+    than the memory this process's threads get for themselves (docs/performance.md).
+    Chunks whose first page the page cache did not hold before are dropped from it behind
+    the read, so the copy does not also leave a second one there. Chunks are read by
+    `workers` threads (default: the usable cores, at most 8); progress(bytes) is called
+    on this thread as chunks finish."""
+    size = os.path.getsize(path)
+    mem = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # shared would be shmem
+    advise_huge(mem)
+    drop = getattr(os, "POSIX_FADV_DONTNEED", None)
+    fd = os.open(path, os.O_RDONLY)
+    view = memoryview(mem)
+    try:
+        offsets = range(0, size, chunk)
+        cached = _first_pages_cached(fd, size, offsets)
+
+        def read(i: int) -> int:
+            off = offsets[i]
+            n = min(chunk, size - off)
+            got = 0
+            while got < n:
+                k = os.preadv(fd, [view[off + got:off + n]], off + got)
+                if k == 0:
+                    raise OSError(f"{path}: file ended at {off + got} of {size} bytes while reading it")
+                got += k
+            if drop is not None and cached is not None and not cached[i]:
+                os.posix_fadvise(fd, off, n, drop)
+            return n
+        n_workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else (os.cpu_count() or 1))
+        with ThreadPoolExecutor(max(1, n_workers)) as pool:
+            for n in pool.map(read, range(len(offsets))):
+                if progress is not None:
+                    progress(n)
+    finally:
+        view.release()
+        os.close(fd)
+    out = np.frombuffer(mem, np.uint8, count=size)
+    out.flags.writeable = False
+    return out
+
+
+def _first_pages_cached(fd: int, size: int, offsets) -> np.ndarray | None:
+    """Per offset: does the page cache hold the file's page there? (None: unknown)"""
+    mincore = _mincore()
+    if mincore is None or size == 0:
+        return None
+    try:
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    view = np.frombuffer(mm, np.uint8)
+    vec = np.zeros(1, np.uint8)
+    out = np.zeros(len(offsets), bool)
+    try:
+        base = view.ctypes.data
+        for i, off in enumerate(offsets):
+            if mincore(base + off, mmap.PAGESIZE, vec.ctypes.data) != 0:
+                return None
+            out[i] = bool(vec[0] & 1)
+        return out
+    finally:
+        del view
+        mm.close()
 
 
 def _mincore():
@@ -261,6 +334,31 @@ def mapped_pages(paths: Iterable[Path], smaps: str = "/proc/self/smaps") -> Mapp
 
     return MappedPages(sum(_kib(m, "Rss") for m in found),
                        sum(_kib(m, "FilePmdMapped") + _kib(m, "ShmemPmdMapped") for m in found))  # disk / tmpfs
+
+
+def memory_pages(arrays: Iterable[np.ndarray], smaps: str = "/proc/self/smaps") -> MappedPages | None:
+    """Resident and 2 MB-page bytes of the anonymous mappings that hold `arrays` (the
+    copies read_into_memory makes; None where the kernel does not report them)."""
+    starts = sorted(a.__array_interface__["data"][0] for a in arrays if a.size)
+    resident = huge = 0
+    hit = False
+    try:
+        with open(smaps) as f:
+            text = f.read()
+    except OSError:
+        return None
+    for block in text.split("\n"):
+        fields = block.split(None, 1)
+        if not fields:
+            continue
+        if not fields[0].endswith(":"):
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            hit = any(lo <= s < hi for s in starts)
+        elif hit and fields[0] == "Rss:":
+            resident += int(fields[1].split()[0]) << 10
+        elif hit and fields[0] == "AnonHugePages:":
+            huge += int(fields[1].split()[0]) << 10
+    return MappedPages(resident, huge)
 
 
 def _kib(m: dict[str, str], field: str) -> int:

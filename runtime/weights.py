@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import CheckpointError
-from .pages import HUGE, advise_huge
+from .pages import HUGE, advise_huge, read_into_memory
 
 INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000
@@ -196,10 +196,12 @@ def _touch_pages(buf: np.ndarray, begin: int, end: int) -> int:
 
 
 class SafetensorsFile:
-    """One shard. The header is parsed at construction; data is mapped on first access."""
+    """One shard. The header is parsed at construction; data is mapped on first access, or
+    with ``in_memory`` read into this process's memory (pages.read_into_memory)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, in_memory: bool = False):
         self.path = Path(path)
+        self.in_memory = in_memory
         header, data_start, data_size = _read_header(self.path)
         self.metadata = _check_metadata(self.path, header.pop("__metadata__", None))
         self._infos = {name: _check_entry(self.path, name, entry, data_start, data_size)
@@ -226,11 +228,14 @@ class SafetensorsFile:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
-    def buffer(self) -> np.ndarray:
+    def buffer(self, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """The whole file as a read-only uint8 array over a shared mapping, opened once and
-        advised for 2 MB pages (pages.advise_huge)."""
+        advised for 2 MB pages (pages.advise_huge); with in_memory, over this process's copy
+        (read once; progress(bytes) as it goes)."""
         with self._lock:
-            if self._buf is None:
+            if self._buf is None and self.in_memory:
+                self._buf = read_into_memory(self.path, progress)
+            elif self._buf is None:
                 with open(self.path, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 advise_huge(mm)
@@ -298,10 +303,12 @@ def shard_paths(folder: str | os.PathLike) -> list[Path]:
 
 class Checkpoint:
     """A model folder: shards located through ``model.safetensors.index.json`` or, without
-    one, every ``*.safetensors`` file in the folder."""
+    one, every ``*.safetensors`` file in the folder. ``in_memory``: read the shards into
+    this process's memory instead of mapping them (see read_in)."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, in_memory: bool = False):
         self.folder = Path(folder)
+        self.in_memory = in_memory
         if not self.folder.is_dir():
             raise CheckpointError(f"model folder {self.folder} does not exist")
         index = self.folder / INDEX_NAME
@@ -316,7 +323,7 @@ class Checkpoint:
         by_shard = _index_shards(index)
         for shard in sorted(by_shard):
             path = self.folder / shard
-            st = SafetensorsFile(path)
+            st = SafetensorsFile(path, self.in_memory)
             listed = by_shard[shard]
             for name in listed:
                 if name not in st:
@@ -331,7 +338,7 @@ class Checkpoint:
 
     def _open_all(self) -> None:
         for path in _all_shards(self.folder):
-            st = SafetensorsFile(path)
+            st = SafetensorsFile(path, self.in_memory)
             for info in st.infos():
                 prior = self._infos.get(info.name)
                 if prior is not None:
@@ -361,6 +368,29 @@ class Checkpoint:
     def tensor(self, name: str) -> np.ndarray:
         info = self.info(name)
         return self._files[info.file].view(info)
+
+    def file_bytes(self) -> int:
+        """Bytes of all shard files (headers included)."""
+        return sum(os.path.getsize(p) for p in self._files)
+
+    def read_in(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """With in_memory, read every shard into memory now (else on first use of each);
+        progress(done_bytes, total_bytes) as it goes. Nothing to do for mapped shards."""
+        if not self.in_memory:
+            return
+        total, done = self.file_bytes(), 0
+
+        def step(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+        for path in sorted(self._files):
+            self._files[path].buffer(step)
+
+    def buffers(self) -> list[np.ndarray]:
+        """Every shard's whole-file array (mapped, or read in), in file order."""
+        return [self._files[p].buffer() for p in sorted(self._files)]
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())

@@ -36,10 +36,32 @@ class BandwidthProbe:
 
     def measure(self, repeats: int = 3) -> float:
         """Best of `repeats` passes over the buffer with the current Numba thread count."""
-        chunks = 8 * numba.get_num_threads()
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            _sum_chunks(self.buf, chunks)
-            best = min(best, time.perf_counter() - t)
-        return self.buf.nbytes / best / 1e9
+        return read_bandwidth([self.buf], repeats)
+
+
+def read_bandwidth(parts: list[np.ndarray], repeats: int = 3) -> float:
+    """GB/s of the best of `repeats` passes over int64 arrays, one parallel sum each, with
+    the current Numba thread count."""
+    chunks = 8 * numba.get_num_threads()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for a in parts:
+            _sum_chunks(a, chunks)
+        best = min(best, time.perf_counter() - t)
+    return sum(a.nbytes for a in parts) / best / 1e9
+
+
+def sample_words(buffers: list[np.ndarray], nbytes: int = 1 << 30) -> list[np.ndarray]:
+    """int64 views of up to `nbytes` of uint8 buffers (e.g. the weight shards), the same
+    share from the middle of each, for read_bandwidth over the memory they sit in."""
+    share = nbytes // max(1, len(buffers))
+    out = []
+    for b in buffers:
+        n = min(share, b.size) // 8 * 8
+        start = (b.size - n) // 2
+        start += -(b.ctypes.data + start) % 8                 # an 8-byte aligned start
+        n = min(n, b.size - start) // 8 * 8
+        if n > 0:
+            out.append(b[start:start + n].view(np.int64))
+    return out
