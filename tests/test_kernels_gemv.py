@@ -146,13 +146,13 @@ def test_mixed_formats_one_region(variant, rng):
 @pytest.mark.parametrize("shift", [0, -70, 40])
 @pytest.mark.parametrize("K", [160, 2304])
 def test_fp4_scale_paths(variant, shift, K, rng):
-    """Rows whose e8m0 scales (with x's exponents) leave the fast exponent-add path, and a
-    NaN scale byte (255): each row must still match the reference (NaN for the NaN row).
-    K = 2304 puts the odd scales in a full 64-byte chunk of the range check, one more in
-    its tail."""
+    """Rows whose e8m0 scales (with x's exponents) leave the fast exponent-add path (avx512)
+    or the s << 23 path (avx2: bytes 0 and 255), and a NaN scale byte (255): each row must
+    still match the reference (NaN for the NaN row). K = 2304 puts the odd scales in a full
+    chunk of the range checks, more in their tails (the last group's 0 byte)."""
     O = 9
     W, S, _ = problem("fp4", rng, O, K)
-    S[1, 2], S[2, 0], S[3, 4] = 80, 170, 255
+    S[1, 2], S[2, 0], S[3, 4], S[4, K // 32 - 1] = 80, 170, 255, 0
     if K > 2048:
         S[5, 70] = 60
     Wr = dequant_fp4_weight(W, S).astype(np.float64)
