@@ -1,4 +1,5 @@
-"""Where a decode step's CPU time goes, by function, with `perf` sampling this process.
+"""Where a decode step's (or a prefill chunk's) CPU time goes, by function, with `perf`
+sampling this process.
 
 Numba and llvmlite code has no symbols perf can see. After the timed tokens this script
 writes /tmp/perf-<pid>.map (the format perf reads for JIT code) with the address of every
@@ -7,6 +8,7 @@ function the loaded code libraries define, then prints perf's report: the IR ker
 Python. Needs `perf` (cpu-clock sampling works in most VMs; perf_event_paranoid <= 2).
 
     python bench/profile.py -m /tmp/bench/flash16 -n 32 -t 2 [--no-mmap] [--depth 4096]
+    python bench/profile.py -m /tmp/bench/flash16 --prefill 512 -n 3 -t 2
 """
 from __future__ import annotations
 
@@ -50,7 +52,9 @@ def write_perf_map(symbols: dict[int, str], pid: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", required=True)
-    ap.add_argument("-n", type=int, default=32, help="decoded tokens to sample")
+    ap.add_argument("-n", type=int, default=32, help="decoded tokens to sample (with --prefill: prefill passes)")
+    ap.add_argument("--prefill", type=int, default=0, metavar="P",
+                    help="sample prefills of P tokens (each into a fresh cache after --depth tokens) instead of decode")
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--depth", type=int, default=0, help="context tokens before decoding")
     ap.add_argument("--no-mmap", action="store_true", help="weights read into process memory")
@@ -68,26 +72,43 @@ def main() -> None:
     m = Model.load(Path(args.model), Numerics.from_revision("current", exact=False), backend="fast",
                    in_memory=args.no_mmap)
     m.ckpt.prefault()
-    cache = m.new_cache(args.depth + args.n + 16)
-    ids = np.random.default_rng(0).integers(0, m.cfg.vocab_size, max(args.depth, 8))
-    for s in range(0, ids.size, 512):
-        m.forward(ids[s:s + 512], cache, last_only=True)
-    tok = 1
-    for _ in range(3):                                          # warm: compiled, plans built
-        tok = int(np.argmax(m.forward([tok], cache, last_only=True)[-1]))
+    ids = np.random.default_rng(0).integers(0, m.cfg.vocab_size, args.depth + max(args.prefill, 8))
+
+    def context():                                              # a cache holding --depth tokens
+        cache = m.new_cache(args.depth + max(args.prefill, args.n) + 16)
+        for s in range(0, args.depth, 512):
+            m.forward(ids[s:min(s + 512, args.depth)], cache, last_only=True)
+        return cache
+    if args.prefill:
+        caches = [context() for _ in range(args.n + 1)]
+        m.forward(ids[args.depth:], caches.pop(), last_only=True)   # warm: compiled, plans built
+
+        def step():
+            m.forward(ids[args.depth:], caches.pop(), last_only=True)
+        unit = f"prefills of {args.prefill} tokens"
+    else:
+        cache = context()
+        tok = 1
+        for _ in range(3):                                      # warm: compiled, plans built
+            tok = int(np.argmax(m.forward([tok], cache, last_only=True)[-1]))
+
+        def step():
+            nonlocal tok
+            tok = int(np.argmax(m.forward([tok], cache, last_only=True)[-1]))
+        unit = "tokens"
     data = Path(tempfile.mkdtemp()) / "perf.data"
     rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", str(args.freq), "-p", str(os.getpid()),
                             "-o", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)                                             # perf attached
     t = time.perf_counter()
     for _ in range(args.n):
-        tok = int(np.argmax(m.forward([tok], cache, last_only=True)[-1]))
+        step()
     dt = time.perf_counter() - t
     rec.send_signal(signal.SIGINT)
     rec.wait()
     mapfile = write_perf_map(jit_symbols(), os.getpid())
-    print(f"{args.n} tokens, {1e3 * dt / args.n:.1f} ms per token ({args.n / dt:.2f} tok/s); "
-          f"samples include the 0.5 s before the first token")
+    print(f"{args.n} {unit}, {1e3 * dt / args.n:.1f} ms each ({args.n / dt:.2f} per s); "
+          f"samples include the 0.5 s before the first one")
     rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g", "none",
                           "--sort", "sym"], capture_output=True, text=True).stdout
     lines = [ln for ln in rep.splitlines() if ln.strip() and not ln.startswith("#")]

@@ -86,14 +86,40 @@ def test_dequant_rows_exact_including_extreme_scales(rng):
     s8 = rng.integers(0, 255, (3, 2), dtype=np.uint8)
     w4 = rng.integers(0, 256, (70, 48), dtype=np.uint8)
     s4 = rng.integers(0, 255, (70, 3), dtype=np.uint8)
-    for lin in (LinearW("a", "fp8", w8, s8, 300, 200), LinearW("b", "fp4", w4, s4, 70, 96)):
+    w8[3, 5], w8[4, 7] = 0x7F, 0xFF                             # NaN codes (the IR loop selects NaN)
+    for lin in (LinearW("a", "fp8", w8, s8, 300, 200), LinearW("b", "fp4", w4, s4, 70, 96),
+                LinearW("c", "fp8", np.ascontiguousarray(w8[:, :197]), s8, 300, 197, (128, 100))):  # tails
         out = np.empty((lin.out_features, lin.in_features), np.float32)
         with np.errstate(over="ignore"):
             want = lin.dequant()
-        for r0 in (0, 64):
-            n = min(64, lin.out_features - r0)
-            got = dequant_rows(lin, r0, n, out)
-            np.testing.assert_array_equal(got, want[r0:r0 + n])
+        for use_ir in (False, True):
+            for r0 in (0, 64):
+                n = min(64, lin.out_features - r0)
+                got = dequant_rows(lin, r0, n, out, use_ir=use_ir)
+                np.testing.assert_array_equal(got, want[r0:r0 + n])      # NaN == NaN, -0 == +0
+                if lin.fmt == "fp8":                                     # FP8: every bit
+                    assert np.array_equal(got.view(np.uint32), want[r0:r0 + n].view(np.uint32))
+
+
+def test_dequant_rows_ir_nontemporal_and_strided(rng):
+    """Outputs past NT_BYTES (non-temporal stores) and a strided output both match."""
+    from dsv4.runtime.kernels import dequant
+    from dsv4.runtime.kernels.aligned import aligned_empty
+    from dsv4.runtime.linear import LinearW
+    O, K = 2048, 1024
+    w8 = rng.integers(0, 0x7F, (O, K), dtype=np.uint8)
+    lin8 = LinearW("a", "fp8", w8, rng.integers(100, 150, (O // 128, K // 128), dtype=np.uint8), O, K)
+    lin4 = LinearW("b", "fp4", rng.integers(0, 256, (O, K // 2), dtype=np.uint8),
+                   rng.integers(100, 150, (O, K // 32), dtype=np.uint8), O, K)
+    for lin in (lin8, lin4):
+        want = lin.dequant()
+        out = aligned_empty((O, K))
+        assert out.nbytes >= dequant.NT_BYTES and dequant._nontemporal(out, lin.block if lin.fmt == "fp8" else (1, 32))
+        np.testing.assert_array_equal(dequant.dequant_rows(lin, 0, O, out, use_ir=True), want)
+        wide = np.full((40, K + 8), 3.0, np.float32)                     # rows 4 floats apart from K
+        got = dequant.dequant_rows(lin, 128, 40, wide[:, :K], use_ir=True)
+        np.testing.assert_array_equal(got, want[128:168])
+        assert np.all(wide[:, K:] == 3.0)
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])

@@ -72,6 +72,7 @@ class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         self.compiled_decode = True                     # decode blocks via decode_ops.py
         self.fused_decode = True                        # ... in one compiled call (decode_layer.py)
         self.bf16_gemm = self.k.variant == "avx512"     # prefill fp4/fp8 GEMMs via gemm.py
+        self.ir_dequant = self.k.variant in ("avx2", "avx512")   # prefill dequantization via ir_dequant.py
         self._gemm_fits: dict[int, bool] = {}           # weight_key -> scales fit bf16
         self._gemm_checked = False                      # selfcheck.check_gemm ran
 
@@ -146,10 +147,15 @@ class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         return y.reshape(S, -1)
 
     def scratch(self, rows: int, cols: int) -> np.ndarray:
-        """A float32 [rows, cols] buffer reused across calls (fresh pages cost page faults)."""
+        """A float32 [rows, cols] buffer reused across calls (fresh pages cost page faults),
+        64-byte aligned (so that dequantization can store non-temporally)."""
         if self._scratch.size < rows * cols:
-            self._scratch = np.empty(rows * cols, F32)
+            self._scratch = attn.aligned_empty(rows * cols)
         return self._scratch[:rows * cols].reshape(rows, cols)
+
+    def dequant(self, w, r0: int, n: int, out: np.ndarray) -> np.ndarray:
+        """Rows r0 .. r0+n-1 of w as float32 in out[:n] (dequant.dequant_rows)."""
+        return dequant_rows(w, r0, n, out, use_ir=self.ir_dequant)
 
     def _sgemm(self, x2: np.ndarray, w) -> np.ndarray:
         """x2 [S, K] @ W^T by dequantizing row blocks of W into float32 scratch (BLAS).
@@ -161,7 +167,7 @@ class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         out = attn.aligned_empty((x2.shape[0], O))
         for r in range(0, O, step):
             n = min(step, O - r)
-            np.matmul(x2, dequant_rows(w, r, n, scratch).T, out=out[:, r:r + n])
+            np.matmul(x2, self.dequant(w, r, n, scratch).T, out=out[:, r:r + n])
         return out
 
     def _apply(self, x2: np.ndarray, w) -> np.ndarray:
@@ -233,7 +239,7 @@ class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         scratch = self.scratch(L, K)
         out = np.empty((S, G, L), F32)
         for g in range(G):
-            np.matmul(x[:, g], dequant_rows(w, g * L, L, scratch).T, out=out[:, g])
+            np.matmul(x[:, g], self.dequant(w, g * L, L, scratch).T, out=out[:, g])
         return out
 
     def read_kv(self, store, rows):

@@ -16,7 +16,6 @@ import numpy as np
 from ..nn import F32
 from ..params import MoEW
 from . import moe_glue, moe_step
-from .dequant import dequant_rows
 from .weight_index import GEMV_MAX_ROWS, weight_key
 
 
@@ -107,8 +106,8 @@ class MoEOps:
         if both is not None:
             return both
         both = self.scratch(n1 + e.w3.out_features, e.w1.in_features)
-        dequant_rows(e.w1, 0, n1, both[:n1])
-        dequant_rows(e.w3, 0, e.w3.out_features, both[n1:])
+        self.dequant(e.w1, 0, n1, both[:n1])
+        self.dequant(e.w3, 0, e.w3.out_features, both[n1:])
         return xq @ both.T
 
     def _expert_rows(self, xq, e, limit, weight):
