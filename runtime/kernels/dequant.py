@@ -106,7 +106,7 @@ def _ir_fits(fmt: str, w: np.ndarray, s: np.ndarray, K: int, block, out: np.ndar
     """The IR loops' layout: weight and scale rows contiguous at their row strides, fp4 K a
     multiple of 32 with K/32 scales per row, out float32 with contiguous rows."""
     if out.dtype != np.float32 or out.strides[1] != 4 or out.strides[0] % 4 or w.strides[1] != 1 \
-            or s.strides[1] != 1:
+            or s.dtype.itemsize != 1 or s.ndim != 2 or s.strides[1] != 1:
         return False
     if fmt == "fp4":
         return K % 32 == 0 and w.shape[1] * 2 == K and s.shape[1] == K // 32 and w.strides[0] == K // 2

@@ -18,8 +18,10 @@ as one float32 multiply.
 
 nt != 0: the 32-float stores are non-temporal (the caller makes them 32-byte aligned), for
 outputs far larger than the caches: no line is read before it is written, which doubled
-the rate into a 64 MB scratch on one Zen 3 core (11 -> 20 GB/s). The Numba loops these
-replace (dequant.py) wrote about 12 GB/s on two cores, a tenth of a prefill's time.
+the rate into a 64 MB scratch on one Zen 3 core (11 -> 20 GB/s). An sfence at the end
+orders them before whatever the caller does next (another thread's sgemm reads them). The
+Numba loops these replace (dequant.py) wrote about 12 GB/s on two cores, a tenth of a
+prefill's time.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from dsv4.quant.formats import E2M1_VALUES, E4M3_VALUES
 from .irgen import Fn, counted_loop, splat, vec
 
 PARAMS = {"dsv4_avx2_dequant_fp4": "pppiiii", "dsv4_avx2_dequant_fp8": "pppiiiiiiii"}
-DECLS = "declare <16 x i8> @llvm.x86.ssse3.pshuf.b.128(<16 x i8>, <16 x i8>)"
+DECLS = """declare <16 x i8> @llvm.x86.ssse3.pshuf.b.128(<16 x i8>, <16 x i8>)
+declare void @llvm.x86.sse.sfence()"""
 V = "<32 x float>"
 NAN_BITS = int(E4M3_VALUES[0x7F:0x80].view(np.uint32)[0])    # the reference's NaN (0x7F and 0xFF)
 
@@ -75,6 +78,7 @@ def _fp4() -> str:
         counted_loop(f, ng, group, [], "g")
         return []
     counted_loop(f, "%nrows", row, [], "r")
+    f.put("call void @llvm.x86.sse.sfence()")        # non-temporal stores visible before the caller goes on
     f.put("ret void")
     return f.end()
 
@@ -131,6 +135,7 @@ def _fp8() -> str:
         counted_loop(f, ntiles, tile, [], "t")
         return []
     counted_loop(f, "%nrows", row, [], "r")
+    f.put("call void @llvm.x86.sse.sfence()")        # non-temporal stores visible before the caller goes on
     f.put("ret void")
     return f.end()
 
