@@ -61,7 +61,7 @@ def bandwidth(buf: np.ndarray, reps: int = 3) -> float:
 def on_huge_pages(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Copies of `arrays`, packed at 64-byte offsets into one anonymous mapping that starts on
     a 2 MB boundary and is advised for 2 MB pages, as the runtime's weights are (97-99% on 2 MB
-    pages in `dsv4 bench`). Separate NumPy copies of a few MB each start 16 bytes past a 4 KB
+    pages in `dsv4 bench`). Separate NumPy copies of a few MB each start anywhere in a 4 KB
     page, so only their aligned 2 MB stretches can be huge pages: about half of a table of
     4 MB matrices, which costs TLB walks the runtime does not pay."""
     import mmap
