@@ -31,7 +31,7 @@ from .irgen import Fn, bf16_bits, by_nterms, choose, counted_loop, i8s, mask_fir
 Z = "<16 x float>"
 BF = "<32 x bfloat>"
 NTERMS = (1, 2, 3)
-FP8_PREFETCH = 16384          # software prefetch distance (bytes) of the two-row FP8 loop
+FP8_PREFETCH = 16384          # software prefetch distance (bytes) of the FP8 row loop
 DECLS = f"""
 declare <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8>, <64 x i8>)
 declare <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8>, <64 x i8>)
@@ -203,73 +203,54 @@ def _fp8_row(nt: int) -> str:
     return f.end()
 
 
-def _fp8_row128(nt: int, rows: int = 1) -> str:
-    """b1 = 128 (the official tile): tile scales precomputed per row, 2 tiles per step.
-    rows = 2: two rows in one loop (void, results stored at %y): the x loads are emitted
-    per row, LLVM merges them, and each row's arithmetic is that of rows = 1."""
+def _fp8_row128(nt: int) -> str:
+    """b1 = 128 (the official tile): tile scales precomputed per row, 2 tiles per step, one
+    software prefetch per 64-byte chunk FP8_PREFETCH ahead (rows one at a time: on Zen 5 two
+    rows sharing the x loads streamed 5-40% slower than one row with its prefetch)."""
     tabs = _fp8_tables()
-    if rows == 1:
-        ws, ss, bufs = ["%w"], ["%srow"], ["%buf"]
-        f = Fn(f"define internal float @avx512_fp8_r128_{nt}(ptr %w, ptr %srow, ptr %x, i64 %K, ptr %buf) alwaysinline")
-    else:
-        ws, ss, bufs = ([f"%{p}{r}" for r in range(rows)] for p in ("w", "s", "buf"))
-        args = ", ".join(f"ptr {a}" for a in ws + ss) + ", ptr %x, i64 %K, " + ", ".join(f"ptr {b}" for b in bufs)
-        f = Fn(f"define internal void @avx512_fp8_r128x{rows}_{nt}({args}, ptr %y) alwaysinline")
+    f = Fn(f"define internal float @avx512_fp8_r128_{nt}(ptr %w, ptr %srow, ptr %x, i64 %K, ptr %buf) alwaysinline")
     ntiles = f("lshr i64 " + f("add i64 %K, 127") + ", 7")
-    for r in range(rows):
-        _scales_to_buf(f, ss[r], ntiles, bufs[r], f"sc{r}")
+    _scales_to_buf(f, "%srow", ntiles, "%buf", "sc")
 
-    def tile(f, r, t, acc, nfull=2, rem=None):
+    def tile(f, t, acc, nfull=2, rem=None):
         tmp = [("zeroinitializer")] * (2 * nt)
         for c in range(nfull + (rem is not None)):
-            wp = f.gep("i8", ws[r], f(f"add i64 {f(f'shl i64 {t}, 7')}, {64 * c}"))
+            wp = f.gep("i8", "%w", f(f"add i64 {f(f'shl i64 {t}, 7')}, {64 * c}"))
             ci = f(f"add i64 {f(f'shl i64 {t}, 1')}, {c}")           # x chunk: 2 per tile
             xp = f.gep("i16", "%x", f(f"mul i64 {ci}, {64 * nt}"))
-            # interleaved row streams defeat the hardware prefetcher; one prefetch next to each
-            # chunk (8 at the top of each 2-tile step streamed 10% slower)
-            if rows > 1 and rem is None:
+            if rem is None:              # one prefetch next to each chunk (in bursts: 10% slower)
                 f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', wp, FP8_PREFETCH)}, i32 0, i32 2, i32 1)")
             tmp = _fp8_chunk(f, wp, xp, tmp, nt, tabs, rem if c == nfull else None)
-        sc = f(f"load float, ptr {f.gep('float', bufs[r], t)}, align 4")
+        sc = f(f"load float, ptr {f.gep('float', '%buf', t)}, align 4")
         return f(f"call {Z} @llvm.fma.v16f32({Z} {vsum(f, tmp)}, {Z} {f.splat('float', 16, sc)}, {Z} {acc})")
     full = f("lshr i64 %K, 7")
 
     def two(f, i, accs):
         t0 = f(f"shl i64 {i}, 1")
-        t1 = f(f"add i64 {t0}, 1")
-        return [a for r in range(rows) for a in (tile(f, r, t0, accs[2 * r]), tile(f, r, t1, accs[2 * r + 1]))]
-    pairs = counted_loop(f, f(f"lshr i64 {full}, 1"), two, [(Z, "zeroinitializer")] * (2 * rows), "two")
-    accs = [f(f"fadd {Z} {pairs[2 * r]}, {pairs[2 * r + 1]}") for r in range(rows)]
+        return [tile(f, t0, accs[0]), tile(f, f(f"add i64 {t0}, 1"), accs[1])]
+    pair = counted_loop(f, f(f"lshr i64 {full}, 1"), two, [(Z, "zeroinitializer")] * 2, "two")
+    acc = f(f"fadd {Z} {pair[0]}, {pair[1]}")
     pre = f.block
     f.cbr(f(f"icmp ne i64 {f(f'and i64 {full}, 1')}, 0"), "%odd", "%oddx")
     f.label("odd")
-    odd = [tile(f, r, f(f"sub i64 {full}, 1"), accs[r]) for r in range(rows)]
+    odd = tile(f, f(f"sub i64 {full}, 1"), acc)
     f.br("%oddx")
     f.label("oddx")
-    accs = [f.merge(Z, [(a, pre), (b, "%odd")]) for a, b in zip(accs, odd)]
+    acc = f.merge(Z, [(acc, pre), (odd, "%odd")])
     rem = f("and i64 %K, 127")                                     # partial last tile
     pre = f.block
     f.cbr(f(f"icmp ne i64 {rem}, 0"), "%part", "%partx")
     f.label("part")
-    big = f(f"icmp ugt i64 {rem}, 64")
-    f.cbr(big, "%p2", "%p1")
+    f.cbr(f(f"icmp ugt i64 {rem}, 64"), "%p2", "%p1")
     f.label("p1")
-    m1 = mask_first(f, 64, rem)
-    one = [tile(f, r, full, accs[r], 0, m1) for r in range(rows)]
+    one = tile(f, full, acc, 0, mask_first(f, 64, rem))
     f.br("%partx")
     f.label("p2")
-    m2 = mask_first(f, 64, f(f"sub i64 {rem}, 64"))
-    two_ = [tile(f, r, full, accs[r], 1, m2) for r in range(rows)]
+    two_ = tile(f, full, acc, 1, mask_first(f, 64, f(f"sub i64 {rem}, 64")))
     f.br("%partx")
     f.label("partx")
-    accs = [f.merge(Z, [(a, pre), (b, "%p1"), (c, "%p2")]) for a, b, c in zip(accs, one, two_)]
-    sums = [f(f"call float @llvm.vector.reduce.fadd.v16f32(float 0.0, {Z} {a})") for a in accs]
-    if rows == 1:
-        f.put(f"ret float {sums[0]}")
-    else:
-        for r, v in enumerate(sums):
-            f.put(f"store float {v}, ptr {f.gep('float', '%y', r)}, align 4")
-        f.put("ret void")
+    acc = f.merge(Z, [(acc, pre), (one, "%p1"), (two_, "%p2")])
+    f.put(f"ret float {f(f'call float @llvm.vector.reduce.fadd.v16f32(float 0.0, {Z} {acc})')}")
     return f.end()
 
 
@@ -338,40 +319,23 @@ def _export(fmt: str, call_row, prologue=None) -> str:
 
 
 def _fp8_export() -> str:
-    """dsv4_avx512_fp8: with one x plane and 128-wide tiles (decode's case) rows go in
-    pairs through avx512_fp8_r128x2_1 (one x stream for two weight rows), else one by one."""
+    """dsv4_avx512_fp8: rows one by one, through avx512_fp8_r128_* for 128-wide tiles
+    (the official layout) and avx512_fp8_row* otherwise."""
     f = Fn("define void @dsv4_avx512_fp8(ptr %w, ptr %s, ptr %x, ptr %y, i64 %nrows, i64 %K, "
            "i64 %nterms, i64 %row0, i64 %b0, i64 %b1, i64 %scols)")
     n = f("and i64 " + f("add i64 " + f("lshr i64 " + f("add i64 %K, 127") + ", 7") + ", 15") + ", -16")
-    bufs = [f(f"alloca float, i64 {n}, align 64") for _ in range(2)]
+    buf = f(f"alloca float, i64 {n}, align 64")
 
-    def srow(f, r):
+    def row(f, r, _):
         band = f(f"udiv i64 {f(f'add i64 %row0, {r}')}, %b0")
-        return f.gep("i8", "%s", f(f"mul i64 {band}, %scols"))
-
-    def wrow(f, r):
-        return f.gep("i8", "%w", f(f"mul i64 {r}, %K"))
-
-    def pair(f, p, _):
-        r0 = f(f"shl i64 {p}, 1")
-        r1 = f(f"add i64 {r0}, 1")
-        f.put(f"call void @avx512_fp8_r128x2_1(ptr {wrow(f, r0)}, ptr {wrow(f, r1)}, ptr {srow(f, r0)}, "
-              f"ptr {srow(f, r1)}, ptr %x, i64 %K, ptr {bufs[0]}, ptr {bufs[1]}, ptr {f.gep('float', '%y', r0)})")
-        return []
-    paired = f(f"and i1 {f('icmp eq i64 %nterms, 1')}, {f('icmp eq i64 %b1, 128')}")
-    npairs = f(f"select i1 {paired}, i64 {f('lshr i64 %nrows, 1')}, i64 0")
-    counted_loop(f, npairs, pair, [], "pairs")
-    done = f(f"shl i64 {npairs}, 1")
-
-    def row(f, i, _):
-        r = f(f"add i64 {done}, {i}")
-        w, s = wrow(f, r), srow(f, r)
+        s = f.gep("i8", "%s", f(f"mul i64 {band}, %scols"))
+        w = f.gep("i8", "%w", f(f"mul i64 {r}, %K"))
         v = choose(f, f("icmp eq i64 %b1, 128"),
-                   lambda f: by_nterms(f, "avx512_fp8_r128_", f"ptr {w}, ptr {s}, ptr %x, i64 %K, ptr {bufs[0]}"),
+                   lambda f: by_nterms(f, "avx512_fp8_r128_", f"ptr {w}, ptr {s}, ptr %x, i64 %K, ptr {buf}"),
                    lambda f: by_nterms(f, "avx512_fp8_row", f"ptr {w}, ptr {s}, ptr %x, i64 %K, i64 %b1"))
         f.put(f"store float {v}, ptr {f.gep('float', '%y', r)}, align 4")
         return []
-    counted_loop(f, f(f"sub i64 %nrows, {done}"), row, [], "rows")
+    counted_loop(f, "%nrows", row, [], "rows")
     f.put("ret void")
     return f.end()
 
@@ -386,7 +350,6 @@ def module(amx: bool = False) -> str:
 
     parts = [DECLS] + ir_avx512_int.functions()
     parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt) for nt in NTERMS]
-    parts += [_fp8_row128(1, rows=2)]
     parts += [_bf16_row(nt) for nt in NTERMS] + ir_gemm.functions(_fp8_tables()) + ir_amx.functions(amx)
     parts += [ir_avx512_int.fp4_export(), _fp8_export(), _export("bf16", bf16)]
     parts += ir_avx2.float_kernels("avx512", ("f32",)) + [ir_avx2.float_row("bf16")]
