@@ -9,8 +9,9 @@ int32, converted once per 4 groups and multiplied by 2^(s-127) * 2^(E-1). Blocks
 have two digits (-32896 <= c <= 32639; most of them for real activations) are listed first
 by the x layout and done with two planes instead of three; the kernel still takes the weight
 blocks in order, as two-plane runs between consecutive three-plane blocks (no per-block
-branch). Two rows are processed together so the x loads are shared (with software
-prefetch: two interleaved row streams defeat the hardware prefetcher). The per-lane scale
+branch). Four rows are processed together so the x loads are shared (then a pair and a
+single row for the rest), each row stream with its software prefetch: interleaved row
+streams defeat the hardware prefetcher. The per-lane scale
 is built by adding s << 23 to the x factor's exponent when the row's e8m0 bytes and the x
 exponents keep that in the normal range (checked per row); otherwise exactly with floats
 (e8m0 0 -> 2^-127, 255 -> NaN, as the reference).
@@ -23,7 +24,8 @@ from .irgen import Fn, by_nterms, counted_loop, fp4_int_in_order, mask_first, sp
 
 Z = "<16 x float>"
 INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte x block (prep.fp4_int)
-PREFETCH = 16384                      # software prefetch distance (bytes) in the 2-row loop
+PREFETCH = 16384                      # software prefetch distance (bytes) of the multi-row loops
+ROW_GROUPS = (4, 2, 1)                # rows per pass: groups of 4 first, then the rest
 
 
 def _fp4_int_blocks(f: Fn, ws, xb, svs, accs, planes: int, mask=None):
@@ -94,7 +96,8 @@ def _blocks_start(f: Fn, ng: str) -> str:
 
 
 def _fp4_int_rows(nr: int, fast: bool) -> str:
-    """nr (1 or 2) rows at once, x in the prep.fp4_int layout (header + sorted blocks)."""
+    """nr (a ROW_GROUPS size) rows at once, x in the prep.fp4_int layout (header + sorted
+    blocks)."""
     args = ", ".join(f"ptr %w{r}, ptr %s{r}, ptr %y{r}" for r in range(nr))
     f = Fn(f"define internal void @avx512_fp4_int{nr}{'f' if fast else ''}({args}, ptr %x, i64 %ng) alwaysinline")
     xblk = f.gep("i8", "%x", _blocks_start(f, "%ng"))
@@ -103,7 +106,7 @@ def _fp4_int_rows(nr: int, fast: bool) -> str:
     def block(f, p, o, accs, planes, mask=None):
         """Stored block p (x) = original block o (weights, scales)."""
         ws = [f.gep("i8", f"%w{r}", f(f"shl i64 {o}, 6")) for r in range(nr)]
-        if mask is None and nr == 2:       # two interleaved row streams defeat the HW prefetcher
+        if mask is None and nr > 1:        # interleaved row streams defeat the HW prefetcher
             for w in ws:
                 f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', w, PREFETCH)}, i32 0, i32 2, i32 1)")
         xb = f.gep("i8", xblk, f(f"shl i64 {p}, 9"))
@@ -208,10 +211,12 @@ def fp4_export() -> str:
             f.label(f"j{nr}")
             return []
         return body
-    npairs = f("lshr i64 %nrows, 1")
-    counted_loop(f, npairs, group(2, "0"), [], "pairs")
-    done2 = f(f"shl i64 {npairs}, 1")
-    counted_loop(f, f(f"sub i64 %nrows, {done2}"), group(1, done2), [], "singles")
+    done = "0"
+    for nr in ROW_GROUPS:                    # 4 rows per pass, then at most one pair and one row
+        left = f(f"sub i64 %nrows, {done}")
+        n = f(f"udiv i64 {left}, {nr}")
+        counted_loop(f, n, group(nr, done), [], f"rows{nr}")
+        done = f(f"add i64 {done}, {f(f'mul i64 {n}, {nr}')}")
     f.br("%done")
     f.label("bf")
 
@@ -228,4 +233,4 @@ def fp4_export() -> str:
 
 
 def functions() -> list[str]:
-    return [_scale_range()] + [_fp4_int_rows(nr, fast) for nr in (1, 2) for fast in (False, True)]
+    return [_scale_range()] + [_fp4_int_rows(nr, fast) for nr in ROW_GROUPS for fast in (False, True)]
