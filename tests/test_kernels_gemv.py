@@ -296,16 +296,20 @@ def test_ir_refuses_missing_features():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("K", [200, 424, 4096])
-def test_fp8_row_pairs_equal_single_rows(variant, K, rng):
-    """Rows done two at a time (one x stream) give the same bits as each row alone."""
-    W, S, _ = problem("fp8", rng, 7, K, (128, 128))
+@pytest.mark.parametrize("fmt,K", [("fp8", 200), ("fp8", 424), ("fp8", 4096), ("fp4", 96), ("fp4", 416), ("fp4", 4096)])
+def test_rows_together_equal_single_rows(variant, fmt, K, rng):
+    """7 rows in one call (MXFP4 on avx512: a group of 4 sharing the x loads, a pair, a
+    single row) give the same bits as each row alone. Row 1 has a scale byte (0) that sends its
+    MXFP4 group to the exact-float scale path; its neighbours must not change by it."""
+    W, S, _ = problem(fmt, rng, 7, K, (128, 128))
+    if fmt == "fp4":
+        S[1, 1] = 0
     k = gemv.Kernels(variant)
-    xp = k.prepare_x("fp8", _x("quantized", K, rng), 128)
-    y = k.gemv("fp8", W, S, xp, (128, 128))
+    xp = k.prepare_x(fmt, _x("quantized", K, rng), 128)
+    y = k.gemv(fmt, W, S, xp, (128, 128))
     for i in range(7):
-        yi = k.gemv("fp8", np.ascontiguousarray(W[i:i + 1]), np.ascontiguousarray(S[i // 128:i // 128 + 1]), xp,
-                    (128, 128))
+        srow = i if fmt == "fp4" else i // 128
+        yi = k.gemv(fmt, np.ascontiguousarray(W[i:i + 1]), np.ascontiguousarray(S[srow:srow + 1]), xp, (128, 128))
         assert y[i].view(np.uint32) == yi[0].view(np.uint32)
 
 

@@ -178,7 +178,7 @@ def _factor_exponents(f: Fn, ng: str) -> tuple[str, str, str]:
 
 
 def fp4_export() -> str:
-    """fp4 rows: nterms 0 -> integer path two rows at a time, else bf16 planes per row."""
+    """fp4 rows: nterms 0 -> integer path in ROW_GROUPS, else bf16 planes per row."""
     f = Fn("define void @dsv4_avx512_fp4(ptr %w, ptr %s, ptr %x, ptr %y, i64 %nrows, i64 %K, "
            "i64 %nterms, i64 %row0, i64 %b0, i64 %b1, i64 %scols)")
     ng = f("lshr i64 %K, 5")
