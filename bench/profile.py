@@ -64,7 +64,8 @@ def main() -> None:
     if shutil.which("perf") is None:
         sys.exit("profile.py needs the `perf` tool")
     from dsv4.cli.common import configure_threads
-    configure_threads(args.threads)
+    from dsv4.runtime.threads import set_threads
+    n_threads = configure_threads(args.threads)
     import numpy as np
 
     from dsv4.runtime.model import Model
@@ -72,6 +73,7 @@ def main() -> None:
     m = Model.load(Path(args.model), Numerics.from_revision("current", exact=False), backend="fast",
                    in_memory=args.no_mmap)
     m.ckpt.prefault()
+    set_threads(n_threads)                                      # Numba is imported now: limit its pool
     ids = np.random.default_rng(0).integers(0, m.cfg.vocab_size, args.depth + max(args.prefill, 8))
 
     def context():                                              # a cache holding --depth tokens

@@ -61,6 +61,7 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
     from dsv4.runtime.generate import generate as run  # noqa: PLC0415
     from dsv4.runtime.model_store import resolve_model  # noqa: PLC0415
     from dsv4.runtime.sampler import SamplingParams  # noqa: PLC0415
+    from dsv4.runtime.threads import set_threads  # noqa: PLC0415
     from dsv4.runtime.tokenizer import Tokenizer  # noqa: PLC0415
 
     chat_only = {"--system": system, "--thinking": thinking or None,
@@ -75,10 +76,11 @@ def generate(model, prompt, max_tokens, temperature, top_k, top_p, greedy, seed,
         if sys.stdin.isatty():
             raise DsvError("no prompt: pass --prompt TEXT or pipe text on stdin")
         prompt = sys.stdin.read()
-    configure_threads(threads, threading)
+    n_threads = configure_threads(threads, threading)
     folder = resolve_model(model, progress=sys.stderr.isatty())
     note_first_compile(backend)
     m = load_model(folder, numerics_from(exact, revision), backend, reload_pages, no_mmap, warm=True)
+    set_threads(n_threads)                # Numba is imported by now: its pool takes the limit too
     tok = Tokenizer.load(folder, m.cfg.vocab_size, m.cfg.bos_token_id, m.cfg.eos_token_id)
 
     defaults = {"temperature": 0.6, **generation_defaults(folder)}

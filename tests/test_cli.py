@@ -194,6 +194,25 @@ def test_thread_settings_survive_compiles_after_the_pool_starts():
     assert r.stdout.split() == [cores, cores]
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to tell 1 thread from all")
+def test_generate_threads_limit_the_numba_pool(tiny_dir):
+    """`generate -t 1` must leave Numba's parallel regions one thread (the CLI sets the limit
+    before Numba is imported, so it is applied again once the model has loaded)."""
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from dsv4.cli.main import cli\n"
+        "r = CliRunner().invoke(cli, ['generate', '-m', sys.argv[1], '-p', 'x', '-n', '2', '-t', '1'],\n"
+        "                       standalone_mode=False)\n"
+        "assert r.exit_code == 0, r.output\n"
+        "import numba\n"                       # not before: the CLI's first limit missed Numba
+        "print(numba.get_num_threads())\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_dir)], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_NUM", "OMP_"))})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "1"
+
+
 def test_threading_modes():
     from dsv4.runtime.errors import DsvError
     from dsv4.runtime.threads import threading_env
