@@ -41,10 +41,11 @@ class UnsupportedISA(RuntimeError):
 
 
 @functools.cache
-def module_text(isa: str, amx: bool = False) -> str:
+def module_text(isa: str, amx: bool = False, cpu: str = "") -> str:
     """The ISA's module; `amx`: the target has AMX (the avx512 module then holds the AMX
-    tile kernel instead of a trap)."""
-    return ir_avx512.module(amx) if isa == "avx512" else MODULES[isa]()
+    tile kernel instead of a trap); `cpu`: LLVM's name of the target CPU, which picks the
+    avx512 weight streams' prefetch (Numba keys its cache on that name too)."""
+    return ir_avx512.module(amx, ir_avx512.prefetch_for(cpu)) if isa == "avx512" else MODULES[isa]()
 
 
 def has_amx(features) -> bool:
@@ -67,7 +68,7 @@ def _library(codegen, isa: str):
     if missing:
         raise UnsupportedISA(f"{isa} kernels need {', '.join(missing)}, absent on this target")
     lib = codegen.create_library(f"dsv4_ir_{isa}")
-    mod = llb.parse_assembly(module_text(isa, has_amx(features)))
+    mod = llb.parse_assembly(module_text(isa, has_amx(features), codegen._get_host_cpu_name()))
     mod.verify()
     lib.add_llvm_module(mod)
     lib.finalize()
@@ -127,8 +128,9 @@ def assembly(isa: str, cpu: str | None = None, features: str | None = None) -> s
     llb.initialize_native_asmprinter()
     target = llb.Target.from_default_triple()
     features = features if features is not None else llb.get_host_cpu_features().flatten()
-    tm = target.create_target_machine(cpu=cpu or llb.get_host_cpu_name(), features=features, opt=3)
-    mod = llb.parse_assembly(module_text(isa, has_amx(enabled_features(features))))
+    cpu = cpu or llb.get_host_cpu_name()
+    tm = target.create_target_machine(cpu=cpu, features=features, opt=3)
+    mod = llb.parse_assembly(module_text(isa, has_amx(enabled_features(features)), cpu))
     mod.verify()
     pb = llb.create_pass_builder(tm, llb.create_pipeline_tuning_options(3))
     pb.getModulePassManager().run(mod, pb)

@@ -28,7 +28,7 @@ import numpy as np
 from dsv4.quant.formats import E2M1_VALUES
 
 from . import ir_dequant
-from .irgen import Fn, choose, counted_loop, fp4_int_in_order, splat, vec
+from .irgen import Fn, Prefetch, choose, counted_loop, fp4_int_in_order, splat, vec
 
 Y = "<8 x float>"
 I = "<8 x i32>"
@@ -48,7 +48,8 @@ declare i8 @llvm.vector.reduce.umax.v32i8(<32 x i8>)
 FP4_X_SCALE = 2.0 ** -25
 INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte int-mode x block (prep.py)
 FP8_X_SCALE = 2.0 ** 60
-PREFETCH = 16384                      # software prefetch distance (bytes) of the rows (and of the avx512 bf16 row)
+PREFETCH = 16384                      # software prefetch distance (bytes) of the rows (prefetcht1)
+ROW_PREFETCH = Prefetch(PREFETCH, 2)
 
 
 # ------------------------------------------------------------------ layouts (shared with prep)
@@ -320,7 +321,7 @@ def _fp8_row() -> str:
 
 
 # ------------------------------------------------------------------ bf16 / f32
-def float_row(fmt: str, unroll: int = 2) -> str:
+def float_row(fmt: str, pf: Prefetch = ROW_PREFETCH, unroll: int = 2) -> str:
     step = 16 if fmt == "bf16" else 8
     esz = 2 if fmt == "bf16" else 4
     per = step // 8
@@ -343,8 +344,7 @@ def float_row(fmt: str, unroll: int = 2) -> str:
     def main(f, u, accs):
         out = []
         # a line per iteration (2 x 8 f32 or 2 x 16 bf16)
-        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'mul i64 {u}, {unroll * step * esz}')}, {PREFETCH}"))
-        f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 2, i32 1)")
+        pf.put(f, f.gep("i8", "%w", f(f"mul i64 {u}, {unroll * step * esz}")))
         for j in range(unroll):
             out += step_fn(f, f(f"add i64 {f(f'mul i64 {u}, {unroll}')}, {j}"), accs[j * per:(j + 1) * per])
         return out
@@ -405,9 +405,9 @@ def module() -> str:
                         _export("fp4", fp4), _export("fp8", fp8)] + float_kernels("avx2") + ir_dequant.functions())
 
 
-def float_kernels(isa: str, formats=("bf16", "f32")) -> list[str]:
+def float_kernels(isa: str, formats=("bf16", "f32"), pf: Prefetch = ROW_PREFETCH) -> list[str]:
     """bf16 / f32 rows with ymm FMAs, exported as dsv4_{isa}_{fmt}; the AVX-512 module uses
-    the f32 one too (on Zen 4 it streamed better than a zmm version)."""
+    the f32 one too (on Zen 4 it streamed better than a zmm version), with its own `pf`."""
     def flt(fmt, esz):
         def call(f, r):
             off = f(f"mul i64 {f(f'mul i64 {r}, %K')}, {esz}")
@@ -415,4 +415,4 @@ def float_kernels(isa: str, formats=("bf16", "f32")) -> list[str]:
         return call
     decls = [] if isa == "avx2" else [DECLS_FLOAT]
     esz = {"bf16": 2, "f32": 4}
-    return decls + [float_row(fmt) for fmt in formats] + [_export(fmt, flt(fmt, esz[fmt]), isa) for fmt in formats]
+    return decls + [float_row(fmt, pf) for fmt in formats] + [_export(fmt, flt(fmt, esz[fmt]), isa) for fmt in formats]

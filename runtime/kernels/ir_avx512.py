@@ -26,12 +26,17 @@ import numpy as np
 from dsv4.quant.formats import E2M1_VALUES, E4M3_VALUES
 
 from . import ir_amx, ir_avx2, ir_avx512_int, ir_gemm
-from .irgen import Fn, bf16_bits, by_nterms, choose, counted_loop, i8s, mask_first, splat, vec, vsum
+from .irgen import Fn, Prefetch, bf16_bits, by_nterms, choose, counted_loop, i8s, mask_first, splat, vec, vsum
 
 Z = "<16 x float>"
 BF = "<32 x bfloat>"
 NTERMS = (1, 2, 3)
-FP8_PREFETCH = 16384          # software prefetch distance (bytes) of the FP8 row loop
+# The weight streams' software prefetch (irgen.Prefetch), chosen by the host CPU (LLVM's
+# name, ir.py): prefetcht1 16 KB ahead, or prefetchnta 8 KB ahead where it was measured
+# faster (Zen 5: docs/performance.md; on a Sapphire Rapids Xeon NTA was 2-3x slower).
+PREFETCH_T1 = Prefetch(16384, 2)
+PREFETCH_NTA = Prefetch(8192, 0)
+NTA_CPUS = frozenset({"znver5"})
 DECLS = f"""
 declare <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8>, <64 x i8>)
 declare <64 x i8> @llvm.x86.avx512.permvar.qi.512(<64 x i8>, <64 x i8>)
@@ -203,10 +208,15 @@ def _fp8_row(nt: int) -> str:
     return f.end()
 
 
-def _fp8_row128(nt: int) -> str:
+def prefetch_for(cpu: str) -> Prefetch:
+    """The weight-stream prefetch for a host CPU (LLVM's CPU name, e.g. 'znver5')."""
+    return PREFETCH_NTA if cpu in NTA_CPUS else PREFETCH_T1
+
+
+def _fp8_row128(nt: int, pf: Prefetch) -> str:
     """b1 = 128 (the official tile): tile scales precomputed per row, 2 tiles per step, one
-    software prefetch per 64-byte chunk FP8_PREFETCH ahead (rows one at a time: on Zen 5 two
-    rows sharing the x loads streamed 5-40% slower than one row with its prefetch)."""
+    software prefetch `pf` per 64-byte chunk (rows one at a time: on Zen 5 two rows sharing
+    the x loads streamed 5-40% slower than one row with its prefetch)."""
     tabs = _fp8_tables()
     f = Fn(f"define internal float @avx512_fp8_r128_{nt}(ptr %w, ptr %srow, ptr %x, i64 %K, ptr %buf) alwaysinline")
     ntiles = f("lshr i64 " + f("add i64 %K, 127") + ", 7")
@@ -219,7 +229,7 @@ def _fp8_row128(nt: int) -> str:
             ci = f(f"add i64 {f(f'shl i64 {t}, 1')}, {c}")           # x chunk: 2 per tile
             xp = f.gep("i16", "%x", f(f"mul i64 {ci}, {64 * nt}"))
             if rem is None:              # one prefetch next to each chunk (in bursts: 10% slower)
-                f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', wp, FP8_PREFETCH)}, i32 0, i32 2, i32 1)")
+                pf.put(f, wp)
             tmp = _fp8_chunk(f, wp, xp, tmp, nt, tabs, rem if c == nfull else None)
         sc = f(f"load float, ptr {f.gep('float', '%buf', t)}, align 4")
         return f(f"call {Z} @llvm.fma.v16f32({Z} {vsum(f, tmp)}, {Z} {f.splat('float', 16, sc)}, {Z} {acc})")
@@ -270,17 +280,17 @@ def _bf16_step(f: Fn, c, accs, nt, mask=None):
     return out
 
 
-def _bf16_row(nt: int, unroll: int = 4) -> str:
+def _bf16_row(nt: int, pf: Prefetch, unroll: int = 4) -> str:
     """bf16 weights need no decode: 32 words per vdpbf16ps against x' in natural order."""
     f = Fn(f"define internal float @avx512_bf16_row{nt}(ptr %w, ptr %x, i64 %K) alwaysinline")
     nfull = f("lshr i64 %K, 5")
 
     def main(f, u, accs):
         c0 = f(f"mul i64 {u}, {unroll}")
-        ahead = f.gep("i8", "%w", f(f"add i64 {f(f'shl i64 {c0}, 6')}, {ir_avx2.PREFETCH}"))
+        at = f.gep("i8", "%w", f(f"shl i64 {c0}, 6"))
         out = []
         for a in range(unroll):        # one line per step, each next to its step; file-cache pages need it
-            f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', ahead, 64 * a)}, i32 0, i32 2, i32 1)")
+            pf.put(f, at, 64 * a)
             out += _bf16_step(f, f(f"add i64 {c0}, {a}"), accs[a * nt:(a + 1) * nt], nt)
         return out
     accs = counted_loop(f, f(f"udiv i64 {nfull}, {unroll}"), main, [(Z, "zeroinitializer")] * (unroll * nt), "main")
@@ -340,17 +350,18 @@ def _fp8_export() -> str:
     return f.end()
 
 
-def module(amx: bool = False) -> str:
-    """The avx512 module text; `amx`: include the AMX tile kernel (else a trap stub)."""
+def module(amx: bool = False, pf: Prefetch = PREFETCH_T1) -> str:
+    """The avx512 module text; `amx`: include the AMX tile kernel (else a trap stub); `pf`:
+    the weight streams' software prefetch (prefetch_for(host CPU))."""
     def bf16(f, r, _):                    # nterms 0: x in the avx2 float layout
         w = f.gep("i8", "%w", f(f"mul i64 {f(f'mul i64 {r}, %K')}, 2"))
         return choose(f, f("icmp eq i64 %nterms, 0"),
                       lambda f: f(f"call float @avx2_bf16_row(ptr {w}, ptr %x, i64 %K)"),
                       lambda f: by_nterms(f, "avx512_bf16_row", f"ptr {w}, ptr %x, i64 %K"))
 
-    parts = [DECLS] + ir_avx512_int.functions()
-    parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt) for nt in NTERMS]
-    parts += [_bf16_row(nt) for nt in NTERMS] + ir_gemm.functions(_fp8_tables()) + ir_amx.functions(amx)
+    parts = [DECLS] + ir_avx512_int.functions(pf)
+    parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt, pf) for nt in NTERMS]
+    parts += [_bf16_row(nt, pf) for nt in NTERMS] + ir_gemm.functions(_fp8_tables()) + ir_amx.functions(amx)
     parts += [ir_avx512_int.fp4_export(), _fp8_export(), _export("bf16", bf16)]
-    parts += ir_avx2.float_kernels("avx512", ("f32",)) + [ir_avx2.float_row("bf16")]
+    parts += ir_avx2.float_kernels("avx512", ("f32",), pf) + [ir_avx2.float_row("bf16", pf)]
     return "\n\n".join(parts)

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from dsv4.quant.formats import E2M1_VALUES
 
-from .irgen import Fn, by_nterms, counted_loop, fp4_int_in_order, mask_first, splat, vec
+from .irgen import Fn, Prefetch, by_nterms, counted_loop, fp4_int_in_order, mask_first, splat, vec
 
 Z = "<16 x float>"
 INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte x block (prep.fp4_int)
-PREFETCH = 16384                      # software prefetch distance (bytes) of the multi-row loops
 ROW_GROUPS = (4, 2, 1)                # rows per pass: groups of 4 first, then the rest
 
 
@@ -95,9 +94,9 @@ def _blocks_start(f: Fn, ng: str) -> str:
     return f(f"shl i64 {words}, 2")
 
 
-def _fp4_int_rows(nr: int, fast: bool) -> str:
+def _fp4_int_rows(nr: int, fast: bool, pf: Prefetch) -> str:
     """nr (a ROW_GROUPS size) rows at once, x in the prep.fp4_int layout (header + sorted
-    blocks)."""
+    blocks); each row stream prefetched with `pf` when nr > 1."""
     args = ", ".join(f"ptr %w{r}, ptr %s{r}, ptr %y{r}" for r in range(nr))
     f = Fn(f"define internal void @avx512_fp4_int{nr}{'f' if fast else ''}({args}, ptr %x, i64 %ng) alwaysinline")
     xblk = f.gep("i8", "%x", _blocks_start(f, "%ng"))
@@ -108,7 +107,7 @@ def _fp4_int_rows(nr: int, fast: bool) -> str:
         ws = [f.gep("i8", f"%w{r}", f(f"shl i64 {o}, 6")) for r in range(nr)]
         if mask is None and nr > 1:        # interleaved row streams defeat the HW prefetcher
             for w in ws:
-                f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', w, PREFETCH)}, i32 0, i32 2, i32 1)")
+                pf.put(f, w)
         xb = f.gep("i8", xblk, f(f"shl i64 {p}, 9"))
         sps = [f.gep("i8", f"%s{r}", f(f"shl i64 {o}, 2")) for r in range(nr)]
         return _fp4_int_blocks(f, ws, xb, _scales(f, fast, sps, xb, mask), accs, planes, mask)
@@ -232,5 +231,5 @@ def fp4_export() -> str:
     return f.end()
 
 
-def functions() -> list[str]:
-    return [_scale_range()] + [_fp4_int_rows(nr, fast) for nr in ROW_GROUPS for fast in (False, True)]
+def functions(pf: Prefetch) -> list[str]:
+    return [_scale_range()] + [_fp4_int_rows(nr, fast, pf) for nr in ROW_GROUPS for fast in (False, True)]

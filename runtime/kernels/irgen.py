@@ -7,6 +7,7 @@ ir.py parses it with llvmlite and links it into Numba's own code library.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +32,18 @@ def bf16_bits(values) -> np.ndarray:
     if np.any(b & 0xFFFF):
         raise ValueError("value not exact in bf16")
     return (b >> 16).astype(np.uint16)
+
+
+class Prefetch(NamedTuple):
+    """The software prefetch of the weight streams: one per 64-byte line, `distance` bytes
+    ahead, with llvm.prefetch's `locality` (2: prefetcht1, 0: prefetchnta)."""
+    distance: int
+    locality: int
+
+    def put(self, f: "Fn", p: str, extra: int = 0) -> None:
+        """Prefetch the line `distance + extra` bytes after pointer p."""
+        ahead = f.gep("i8", p, self.distance + extra)
+        f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 {self.locality}, i32 1)")
 
 
 E8M0_NAN_BITS = 0x7FC00000   # e8m0 255 is NaN
