@@ -86,12 +86,15 @@ def _driver(isa: str):
                 c = fetch_add(counter, 0, 1)
                 if c >= nchunks:
                     break
-                for u in range(bounds[c], bounds[c + 1]):
+                u, end = bounds[c], bounds[c + 1]
+                while u < end:                            # one call per job's run of units in the chunk
                     while ustart[j + 1] <= u:             # a thread's units only increase
                         j += 1
+                    ue = min(end, ustart[j + 1])
                     m = mats[j]
                     r0 = (u - ustart[j]) * rbs[j]
-                    nr = min(rbs[j], dims[m, 0] - r0)
+                    nr = min((ue - ustart[j]) * rbs[j], dims[m, 0]) - r0
+                    u = ue
                     w = addr[m, 0] + np.uint64(r0 * dims[m, 5])
                     s = addr[m, 1] + np.uint64(r0 * dims[m, 6])
                     x = xa + np.uint64(xsel[j]) * xs
