@@ -33,8 +33,8 @@ from .plain import row_block
 
 FORMATS = ir.FORMATS
 UNIT_BYTES = 32 * 1024        # weight bytes per parallel work unit
-CHUNK_MAX = 64                # most units a thread takes from the shared counter at a time
-GUIDE = 4                     # a chunk is at most the units left / (GUIDE * threads)
+CHUNK_MAX = 128               # most units a thread takes from the shared counter at a time
+GUIDE = 1                     # a chunk is at most the units left / (GUIDE * threads)
 _WDTYPES = {"fp4": (np.uint8, np.int8), "fp8": (np.uint8,), "bf16": (np.uint16,), "f32": (np.float32,)}
 
 
@@ -122,7 +122,12 @@ def guided_chunks(total, nthreads):
     (GUIDE * nthreads), at most CHUNK_MAX and at least 1. Long chunks keep a thread on one
     contiguous stretch of weights (each new stretch starts before its software prefetch
     and with the hardware prefetcher cold: 32 KB chunks streamed ~20% slower than 2 MB
-    ones); the short ones at the end even out the threads' finishing times."""
+    ones); the short ones at the end even out the threads' finishing times. Fewer chunks
+    also mean fewer trips to the shared counter: with GUIDE 1 and 128-unit chunks instead
+    of 4 and 64 (~15 instead of ~50 chunks for a 32 MB region on 2 threads), decode on the
+    Zen 5 VM rose from ~78% to ~81% of the read bandwidth in its fast phase, where the
+    threads' shared work costs about twice as much (docs/performance.md, twenty-second
+    session)."""
     bounds = np.empty(total + 1, np.int64)
     bounds[0] = 0
     n, start = 0, 0
