@@ -33,7 +33,8 @@ BF = "<32 x bfloat>"
 NTERMS = (1, 2, 3)
 # The weight streams' software prefetch (irgen.Prefetch), chosen by the host CPU (LLVM's
 # name, ir.py): prefetcht1 16 KB ahead, or prefetchnta 8 KB ahead where it was measured
-# faster (Zen 5: docs/performance.md; on a Sapphire Rapids Xeon NTA was 2-3x slower).
+# faster (Zen 5: docs/performance.md; on the Sapphire Rapids-class Xeon, which LLVM calls
+# `rocketlake`, NTA was 2-3x slower).
 PREFETCH_T1 = Prefetch(16384, 2)
 PREFETCH_NTA = Prefetch(8192, 0)
 NTA_CPUS = frozenset({"znver5"})
