@@ -168,7 +168,7 @@ def _fp4_int_half(f: Fn, w: str, s: str, xblk: str, p: str, o: str, half: int, a
     g = f(f"add i64 {f(f'shl i64 {o}, 2')}, {2 * half}")
     wp = f.gep("i8", w, f(f"shl i64 {g}, 4"))
     if half == 0:                                     # one line per 64-byte block
-        f.put(f"call void @llvm.prefetch.p0(ptr {f.gep('i8', wp, PREFETCH)}, i32 0, i32 2, i32 1)")
+        ROW_PREFETCH.put(f, wp)
     b32 = f(f"load <32 x i8>, ptr {wp}, align 1")
     xb = f.gep("i8", xblk, f(f"add i64 {f(f'shl i64 {p}, 9')}, {32 * half}"))
     d = _fp4_int_pair(f, b32, xb, planes)
@@ -293,8 +293,7 @@ def _fp8_row() -> str:
         def line(f, i, tmp):                             # two chunks, one prefetch per 64 bytes
             c = f(f"shl i64 {i}, 1")
             off = f(f"add i64 {k0}, {f(f'shl i64 {c}, 5')}")
-            ahead = f.gep("i8", "%w", f(f"add i64 {off}, {PREFETCH}"))
-            f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 2, i32 1)")
+            ROW_PREFETCH.put(f, f.gep("i8", "%w", off))
             return chunk(f, f(f"add i64 {c}, 1"), chunk(f, c, tmp))
         ta, tb = counted_loop(f, f(f"lshr i64 {ln}, 6"), line, [(Y, "zeroinitializer")] * 2, "ln")
         odd = f(f"and i64 {f(f'lshr i64 {ln}, 5')}, 1")     # a last lone chunk (0 or 1)
