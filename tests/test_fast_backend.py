@@ -119,12 +119,16 @@ def test_compiled_attention_step_matches_python_path(request, which, revision, m
     folder = request.getfixturevalue(which)
     num = Numerics.from_revision(revision)
     calls = []
-    orig = attn_ops.attn_step.attend_one
+    make = attn_ops.attn_step.attend_one_for
 
-    def spy(*a):
-        calls.append(a[2])
-        return orig(*a)
-    monkeypatch.setattr(attn_ops.attn_step, "attend_one", spy)
+    def spy_make(variant):
+        fn = make(variant)
+
+        def spy(*a):
+            calls.append(a[2])
+            return fn(*a)
+        return spy
+    monkeypatch.setattr(attn_ops.attn_step, "attend_one_for", spy_make)
     sizes = [5] + [1] * 120 + [7] + [1] * 140 + [3, 1, 1]
     a = _run_flag(folder, num, "compiled_attention", False, sizes, 11)
     b = _run_flag(folder, num, "compiled_attention", True, sizes, 11, fused_decode=False)   # calls from Python

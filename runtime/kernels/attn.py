@@ -19,6 +19,7 @@ from .attn_index import index_scores_into
 from .attn_kv import (read_kv_bf16_into, read_kv_f32_into, read_kv_fp8_into, write_kv_bf16_into,
                       write_kv_bf16_par, write_kv_fp4_into, write_kv_fp4_par, write_kv_fp8_into,
                       write_kv_fp8_par)
+from .attn_decode import attend_keys
 from .attn_sparse import sparse_attn_into
 from .attn_topk import topk_into, topk_rows_into
 
@@ -152,11 +153,15 @@ def write_kv(store, rows, x) -> None:
 
 
 # ------------------------------------------------------------------ attention
-def sparse_attn(q, kv, idx, sink, scale: float, out=None, heads_per_item: int | None = None):
+def sparse_attn(q, kv, idx, sink, scale: float, out=None, heads_per_item: int | None = None,
+                variant: str | None = None):
     """RefBackend.sparse_attn: q f32[S, H, D], kv f32[T, D] (keys = values), idx int[S, K]
     rows of kv (-1 = none; duplicates count twice), sink f32[H] -> f32[S, H, D]. A query
     with no valid key gets zeros. `heads_per_item`: heads per parallel work item. Build kv
-    in an aligned_empty buffer (e.g. read_kv(..., out=buf[a:b]) per part) for full speed."""
+    in an aligned_empty buffer (e.g. read_kv(..., out=buf[a:b]) per part) for full speed.
+    `variant` (a gemv kernel variant) and S = 1: the query's valid keys are gathered and
+    attended by attn_decode.attend_keys of that variant (the decode step's kernel, bit for
+    bit)."""
     q = aligned_copy(np.ascontiguousarray(q, dtype=np.float32))
     if q.ndim != 3:
         raise ValueError(f"q: expected [S, H, D], got shape {q.shape}")
@@ -173,6 +178,12 @@ def sparse_attn(q, kv, idx, sink, scale: float, out=None, heads_per_item: int | 
     if sink.size != H:
         raise ValueError(f"sink: expected {H} values, got {sink.size}")
     out = _out(out, (S, H, D))
+    if variant is not None and S == 1:
+        rows = idx[0][idx[0] >= 0]
+        keys = aligned_empty((rows.size, D))
+        np.take(kv, rows, axis=0, out=keys)
+        attend_keys(variant)(q[0], keys, sink, np.float32(scale), numba.get_num_threads(), out[0])
+        return out
     if heads_per_item is None:               # >= 2 items per thread: split the heads
         heads_per_item = max(2, H * S // (2 * numba.get_num_threads()))
     hb = max(1, min(int(heads_per_item), H))

@@ -94,7 +94,7 @@ class AttnOps:
     def _step_fixed(self, cfg, plan, w, lc) -> tuple:
         """attend_one's arguments that stay the same for one layer of one sequence (the
         cache's arrays are written in place), in its order from `window` to `q` without
-        `hb` and `keys`: window, ratio, eps, scale, freqs, sink, kv_norm, comp_w, comp_st,
+        `nthreads` and `keys`: window, ratio, eps, scale, freqs, sink, kv_norm, comp_w, comp_st,
         indexer keys (packed, exps), index_w, index_st, wscale, topk, stores, q."""
         m, H, D = plan.ratio, cfg.n_heads, cfg.head_dim
         ring = lc.ring
@@ -123,27 +123,21 @@ class AttnOps:
         n_sel = 0 if m == 0 else cfg.index_topk if m == 4 else (p0 + 1) // m
         return self._attn_buffer("keys", (cfg.window + n_sel, cfg.head_dim))
 
-    @staticmethod
-    def _heads_per_task(H: int) -> int:
-        """Heads per parallel task of the sparse attention (as attn.sparse_attn for S = 1)."""
-        hb = max(2, H // (2 * numba.get_num_threads()))
-        return min(hb + (hb % 2), H) if hb < H else H
-
     def _step(self, cfg, plan, w, lc, p0, out=None):
         """attend_one's arguments besides the token's vectors (see attn_step.attend_one), in
-        its order: p, window, ratio, eps, scale, hb, freqs, sink, kv_norm, comp_w, comp_st,
+        its order: p, window, ratio, eps, scale, nthreads, freqs, sink, kv_norm, comp_w, comp_st,
         indexer keys (packed, exps), index_w, index_st, wscale, topk, stores, keys, q, out.
         out: a [1, H, D] float32 result buffer, 64-byte aligned (default: a fresh one)."""
         window, m, eps, scale, *mid, stores, q = self._step_fixed(cfg, plan, w, lc)
         out = aligned_empty((1, cfg.n_heads, cfg.head_dim)) if out is None else out
-        return (int(p0), window, m, eps, scale, self._heads_per_task(cfg.n_heads), *mid, stores,
+        return (int(p0), window, m, eps, scale, numba.get_num_threads(), *mid, stores,
                 self._step_keys(cfg, plan, p0), q, out)
 
     def attend(self, cfg, layer, w, lc, p0, qs, proj, rope):
         plan = self._attn_plan(cfg, layer, w, rope)
         if not (self.compiled_attention and plan.ok and self._compiled_attend(lc, qs[0].shape[0])):
             return super().attend(cfg, layer, w, lc, p0, qs, proj, rope)
-        (p, window, m, eps, scale, hb, freqs, sink, kv_norm, comp_w, comp_st, ikeys, index_w, index_st, wscale,
+        (p, window, m, eps, scale, nthreads, freqs, sink, kv_norm, comp_w, comp_st, ikeys, index_w, index_st, wscale,
          topk, stores, keys, q, out) = self._step(cfg, plan, w, lc, p0)
         u, g = (_flat(proj[1]), _flat(proj[2])) if m > 0 else (_E1, _E1)
         if w.indexer is not None:
@@ -151,8 +145,8 @@ class AttnOps:
         else:
             xqi = xw = _E1
             index = plan.no_index
-        n_comp = attn_step.attend_one(
-            p, window, m, eps, scale, hb, freqs, sink, kv_norm, _flat(qs[0]), _flat(proj[0]), (u, g), comp_w,
+        n_comp = attn_step.attend_one_for(self.k.variant)(
+            p, window, m, eps, scale, nthreads, freqs, sink, kv_norm, _flat(qs[0]), _flat(proj[0]), (u, g), comp_w,
             comp_st, xqi, xw, index, index_w, index_st, wscale, topk, stores, keys, q, out)
         if m > 0:
             lc.n_comp = n_comp

@@ -14,13 +14,15 @@ are those with real work: KV row decoding, the indexer's scores and the attentio
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
 from .actq import quant_row
+from . import attn_decode, sources
 from .attn_index import index_scores_into
 from .attn_kv import read_kv_fp8_into, write_kv_fp4_into, write_kv_fp8_into
-from .attn_sparse import sparse_attn_into
 from .attn_topk import topk_rows_into
 from .glue import (
     bf16,
@@ -138,90 +140,99 @@ def _finish_entry(raw, norm, eps, pos, freqs, out):
     rope_rows(out.reshape(1, 1, -1), np.full(1, pos, np.int64), freqs, False, True)
 
 
-@njit(**_OPTS)
-def attend_one(p, window, ratio, eps, scale, hb, freqs, sink, kv_norm,
-               xq, xkv, comp, comp_w, comp_st, xqi, xw, index, index_w, index_st, wscale, topk,
-               ring, keys, q, out):
-    """attention.attend for one token at position p (see the module docstring).
+@functools.cache
+def attend_one_for(variant: str):
+    """attend_one compiled for kernel variant `variant` ('avx512', 'avx2' or 'numba', whose
+    attn_decode.attend_keys computes the attention itself), cached on disk."""
+    attend_keys, DIGEST = attn_decode.attend_keys(variant), sources.digest()   # compile-time constants
 
-    xq [H*D] = qr wq_b^T; xkv [D] = x wkv^T; comp = (u, g) [c*D] the compressor's products
-    of x and comp_w = (norm [D], ape [m, c*D]), comp_st = (kv, score, prev_kv, prev_score)
-    its state, all empty when ratio == 0; for the indexer (ratio 4; else empty): xqi [Ih*Id]
-    = qr wq_b^T, xw [Ih] = x weights_proj^T, index = (u, g, packed keys, key exps),
-    index_w = (norm, ape), index_st its state, wscale the head-weight factor, topk.
-    ring = (codes, exps, rope) of the window ring, then of the compressed KV store; keys
-    f32 [>= window + entries used, D], q f32 [1, H, D] (scratch) and out f32 [1, H, D] (the
-    result), 64-byte aligned for the attention kernel's loads.
-    -> number of compressed entries written so far (LayerCache.n_comp)."""
-    D = out.shape[2]
-    nope = ring[0].shape[1]
-    cos, sin = _cos_sin(p, freqs, False)
-    _query_heads(xq, eps, cos, sin, q)                                   # [1, H, D]
-    pos = np.full(1, p, np.int64)
+    def attend_one(p, window, ratio, eps, scale, nthreads, freqs, sink, kv_norm,
+                   xq, xkv, comp, comp_w, comp_st, xqi, xw, index, index_w, index_st, wscale, topk,
+                   ring, keys, q, out):
+        """attention.attend for one token at position p (see the module docstring); the
+        attention itself on nthreads threads.
 
-    # this token's KV row: norm, rope, e4m3 nope dims                      [D]
-    n_prev = min(p, window - 1)
-    kv = keys[n_prev:n_prev + 1]
-    rmsnorm_rows(xkv.reshape(1, -1), kv_norm, eps, True, True, kv)
-    rope_rows(kv.reshape(1, 1, D), pos, freqs, False, True)
-    quant_row(kv[0, :nope], kv[0, :nope], KV_BLOCK)
+        xq [H*D] = qr wq_b^T; xkv [D] = x wkv^T; comp = (u, g) [c*D] the compressor's products
+        of x and comp_w = (norm [D], ape [m, c*D]), comp_st = (kv, score, prev_kv, prev_score)
+        its state, all empty when ratio == 0; for the indexer (ratio 4; else empty): xqi [Ih*Id]
+        = qr wq_b^T, xw [Ih] = x weights_proj^T, index = (u, g, packed keys, key exps),
+        index_w = (norm, ape), index_st its state, wscale the head-weight factor, topk.
+        ring = (codes, exps, rope) of the window ring, then of the compressed KV store; keys
+        f32 [>= window + entries used, D], q f32 [1, H, D] (scratch) and out f32 [1, H, D] (the
+        result), 64-byte aligned for the attention kernel's loads.
+        -> number of compressed entries written so far (LayerCache.n_comp)."""
+        assert DIGEST != ""
+        D = out.shape[2]
+        nope = ring[0].shape[1]
+        cos, sin = _cos_sin(p, freqs, False)
+        _query_heads(xq, eps, cos, sin, q)                                   # [1, H, D]
+        pos = np.full(1, p, np.int64)
 
-    n_comp = p // ratio if ratio > 0 else 0
-    sel = np.empty((1, 0), np.int64)
-    if ratio == 4:                  # indexer: its query, its key of a completed block, top-k
-        Ih = xw.shape[0]
-        Id = xqi.shape[0] // Ih
-        qi = np.empty((1, Ih, Id), F32)
-        _index_heads(xqi, cos, sin, qi)                                  # [1, Ih, Id]
-        raw = np.empty(Id, F32)
-        if _advance(index_st[0], index_st[1], index_st[2], index_st[3], index_w[1], True,
-                    index[0], index[1], p, raw):
-            first = p // 4
-            k = np.empty((1, Id), F32)
-            _finish_entry(raw, index_w[0], eps, first * 4, freqs, k)
-            hadamard_rows(k, True)
-            q4_rows(k, INDEX_BLOCK)
-            write_kv_fp4_into(k, np.full(1, first, np.int64), INDEX_BLOCK, index[2], index[3])
-        T = (p + 1) // 4
-        if T > 0:
-            wt = np.empty((1, Ih), F32)
-            for h in range(Ih):
-                wt[0, h] = bf16(bf16(xw[h]) * wscale)
-            scores = np.empty((1, T), F32)
-            index_scores_into(qi, wt, index[2], index[3], np.empty((0, Id), F32), T, True, 1,
-                              scores)
-            sel = np.empty((1, min(topk, T)), np.int64)
-            topk_rows_into(scores, np.full(1, T, np.int64), sel.shape[1], sel)
-    if ratio > 0:                   # the compressor: store a completed entry
-        raw = np.empty(D, F32)
-        if _advance(comp_st[0], comp_st[1], comp_st[2], comp_st[3], comp_w[1], ratio == 4,
-                    comp[0], comp[1], p, raw):
-            first = p // ratio
-            e = np.empty((1, D), F32)
-            _finish_entry(raw, comp_w[0], eps, first * ratio, freqs, e)
-            quant_row(e[0, :nope], e[0, :nope], KV_BLOCK)
-            write_kv_fp8_into(e, np.full(1, first, np.int64), KV_BLOCK, ring[3], ring[4], ring[5])
-            n_comp = first + 1
-        if ratio != 4:              # HCA: every visible entry
-            sel = np.arange((p + 1) // ratio).reshape(1, -1)
+        # this token's KV row: norm, rope, e4m3 nope dims                      [D]
+        n_prev = min(p, window - 1)
+        kv = keys[n_prev:n_prev + 1]
+        rmsnorm_rows(xkv.reshape(1, -1), kv_norm, eps, True, True, kv)
+        rope_rows(kv.reshape(1, 1, D), pos, freqs, False, True)
+        quant_row(kv[0, :nope], kv[0, :nope], KV_BLOCK)
 
-    # keys: window ring rows (ascending positions) | this token | selected entries (ascending)
-    ring_rows = np.empty(n_prev, np.int64)
-    for i in range(n_prev):
-        ring_rows[i] = (p - n_prev + i) % window
-    if n_prev:
-        read_kv_fp8_into(ring[0], ring[1], ring[2], ring_rows, KV_BLOCK, keys[:n_prev])
-    n_sel = 0
-    while n_sel < sel.shape[1] and sel[0, n_sel] >= 0:
-        n_sel += 1
-    n_keys = n_prev + 1 + n_sel
-    if n_sel:
-        read_kv_fp8_into(ring[3], ring[4], ring[5], sel[0, :n_sel].copy(), KV_BLOCK,
-                         keys[n_prev + 1:n_keys])
-    write_kv_fp8_into(kv, np.full(1, p % window, np.int64), KV_BLOCK, ring[0], ring[1], ring[2])
+        n_comp = p // ratio if ratio > 0 else 0
+        sel = np.empty((1, 0), np.int64)
+        if ratio == 4:                  # indexer: its query, its key of a completed block, top-k
+            Ih = xw.shape[0]
+            Id = xqi.shape[0] // Ih
+            qi = np.empty((1, Ih, Id), F32)
+            _index_heads(xqi, cos, sin, qi)                                  # [1, Ih, Id]
+            raw = np.empty(Id, F32)
+            if _advance(index_st[0], index_st[1], index_st[2], index_st[3], index_w[1], True,
+                        index[0], index[1], p, raw):
+                first = p // 4
+                k = np.empty((1, Id), F32)
+                _finish_entry(raw, index_w[0], eps, first * 4, freqs, k)
+                hadamard_rows(k, True)
+                q4_rows(k, INDEX_BLOCK)
+                write_kv_fp4_into(k, np.full(1, first, np.int64), INDEX_BLOCK, index[2], index[3])
+            T = (p + 1) // 4
+            if T > 0:
+                wt = np.empty((1, Ih), F32)
+                for h in range(Ih):
+                    wt[0, h] = bf16(bf16(xw[h]) * wscale)
+                scores = np.empty((1, T), F32)
+                index_scores_into(qi, wt, index[2], index[3], np.empty((0, Id), F32), T, True, 1,
+                                  scores)
+                sel = np.empty((1, min(topk, T)), np.int64)
+                topk_rows_into(scores, np.full(1, T, np.int64), sel.shape[1], sel)
+        if ratio > 0:                   # the compressor: store a completed entry
+            raw = np.empty(D, F32)
+            if _advance(comp_st[0], comp_st[1], comp_st[2], comp_st[3], comp_w[1], ratio == 4,
+                        comp[0], comp[1], p, raw):
+                first = p // ratio
+                e = np.empty((1, D), F32)
+                _finish_entry(raw, comp_w[0], eps, first * ratio, freqs, e)
+                quant_row(e[0, :nope], e[0, :nope], KV_BLOCK)
+                write_kv_fp8_into(e, np.full(1, first, np.int64), KV_BLOCK, ring[3], ring[4], ring[5])
+                n_comp = first + 1
+            if ratio != 4:              # HCA: every visible entry
+                sel = np.arange((p + 1) // ratio).reshape(1, -1)
 
-    idx = np.arange(n_keys).reshape(1, -1)
-    sparse_attn_into(q, keys[:n_keys], idx, sink, F32(scale), hb, out)
-    cos, sin = _cos_sin(p, freqs, True)
-    _output_heads(out, cos, sin)
-    return n_comp
+        # keys: window ring rows (ascending positions) | this token | selected entries (ascending)
+        ring_rows = np.empty(n_prev, np.int64)
+        for i in range(n_prev):
+            ring_rows[i] = (p - n_prev + i) % window
+        if n_prev:
+            read_kv_fp8_into(ring[0], ring[1], ring[2], ring_rows, KV_BLOCK, keys[:n_prev])
+        n_sel = 0
+        while n_sel < sel.shape[1] and sel[0, n_sel] >= 0:
+            n_sel += 1
+        n_keys = n_prev + 1 + n_sel
+        if n_sel:
+            read_kv_fp8_into(ring[3], ring[4], ring[5], sel[0, :n_sel].copy(), KV_BLOCK,
+                             keys[n_prev + 1:n_keys])
+        write_kv_fp8_into(kv, np.full(1, p % window, np.int64), KV_BLOCK, ring[0], ring[1], ring[2])
+
+        attend_keys(q[0], keys[:n_keys], sink, F32(scale), nthreads, out[0])
+        cos, sin = _cos_sin(p, freqs, True)
+        _output_heads(out, cos, sin)
+        return n_comp
+    # one name per variant (see gemv._driver on same-named cached closures)
+    attend_one.__name__ = attend_one.__qualname__ = f"attend_one_{variant}"
+    return njit(**_OPTS)(attend_one)

@@ -249,7 +249,7 @@ class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         attn.write_kv(store, rows, x)
 
     def sparse_attn(self, q, kv, idx, sink, scale):
-        return attn.sparse_attn(q, kv, idx, sink, scale)
+        return attn.sparse_attn(q, kv, idx, sink, scale, variant=self.k.variant)
 
     def index_scores(self, qi, wt, store, T):
         return attn.index_scores(qi, wt, store, T, round_bf16=not self.num.exact)

@@ -53,8 +53,9 @@ def _drive_region(isa, table, mats, xsel, xp, xinfo, out):
 def layer_step(isa: str):
     """The compiled block for kernel variant `isa` ('avx512' or 'avx2'), cached on disk."""
     ISA, DIGEST = isa, sources.digest()          # compile-time constants
+    attend_one = attn_step.attend_one_for(isa)
 
-    def step(X, p, hb, keys, hidx, X3, layer, seq):
+    def step(X, p, nthreads, keys, hidx, X3, layer, seq):
         """X [1, hc, d] -> X3 [1, hc, d] (written) at position p. layer: a Pack of the
         layer's constants (decode_ops._fused_parts): the gemv table, the x rows and their
         info, sites (the seven regions of decode_ops' plan as (matrix rows, x rows, part
@@ -64,7 +65,7 @@ def layer_step(isa: str):
         constants), whether it has an indexer, the MoE step's constants, the work buffers
         (x, post, comb, X2, idx, wts) and attention's output buffer; seq: a Pack of
         attend_one's arguments fixed for this layer of this sequence (AttnOps._step_fixed);
-        hb, keys: the heads per task and the buffer for the keys it attends to; hidx: a
+        nthreads, keys: the attention's threads and the buffer for its keys; hidx: a
         hash layer's expert ids [1, k] (else [0, k]).
         -> (compressed entries written so far, OK or MOE_FALLBACK: then x, X2, post, comb,
         idx and wts hold what the general MoE path and the last residual need)."""
@@ -94,7 +95,7 @@ def layer_step(isa: str):
         xw = pr[po[4]:po[5]] if has_index else none
         iu = pr[po[5]:po[6]] if has_index else none
         ig = pr[po[6]:po[7]] if has_index else none
-        n_comp = attn_step.attend_one(p, window, ratio, a_eps, scale, hb, freqs, sink, kv_norm, qy[qo[0]:qo[1]],
+        n_comp = attend_one(p, window, ratio, a_eps, scale, nthreads, freqs, sink, kv_norm, qy[qo[0]:qo[1]],
                                       pr[po[1]:po[2]], (u, g), comp_w, comp_st, xqi, xw,
                                       (iu, ig, ikeys[0], ikeys[1]), index_w, index_st, wscale, topk, stores,
                                       keys, qbuf, o)                              # o [1, H, D]

@@ -235,7 +235,7 @@ class DecodeOps:
             hidx = _hash_experts(f, ids, cfg.n_activated_experts)
         X3 = np.empty(X.shape, F32)
         n_comp, status = decode_layer.layer_step(self.k.variant)(
-            X, int(p0), self._heads_per_task(cfg.n_heads), self._step_keys(cfg, plan, p0), hidx, X3, layer, seq)
+            X, int(p0), numba.get_num_threads(), self._step_keys(cfg, plan, p0), hidx, X3, layer, seq)
         if plan.ratio > 0:
             lc.n_comp = n_comp
         if status != decode_layer.OK:                     # the MoE's general path, then the residual

@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from . import ir_amx, ir_avx2, ir_avx512, ir_dequant, ir_gemm  # noqa: F401 - ir_avx512 pulls in ir_avx512_int
+from . import ir_amx, ir_attn, ir_avx2, ir_avx512, ir_dequant, ir_gemm  # noqa: F401 - ir_avx512 pulls in ir_avx512_int
 
 FORMATS = ("fp4", "fp8", "bf16", "f32")
 MODULES = {"avx512": ir_avx512.module, "avx2": ir_avx2.module}
@@ -32,7 +32,7 @@ REQUIRED = {
     "avx2": ("avx2", "fma"),
 }
 AMX = ("amx-tile", "amx-bf16")     # the avx512 module's tile kernel (ir_amx.py) needs these too
-PARAMS = ir_gemm.PARAMS | ir_amx.PARAMS | ir_dequant.PARAMS   # other exported functions: kinds, 'p' = ptr
+PARAMS = ir_gemm.PARAMS | ir_amx.PARAMS | ir_dequant.PARAMS | ir_attn.PARAMS   # other exported functions: kinds, 'p' = ptr
 SIGNATURE = "(ptr w, ptr s, ptr x, ptr y, i64 nrows, i64 K, i64 nterms, i64 row0, i64 b0, i64 b1, i64 scols)"
 
 

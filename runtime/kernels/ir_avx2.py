@@ -27,7 +27,7 @@ import numpy as np
 
 from dsv4.quant.formats import E2M1_VALUES
 
-from . import ir_dequant
+from . import ir_attn, ir_dequant
 from .irgen import Fn, Prefetch, choose, counted_loop, fp4_int_in_order, splat, vec
 
 Y = "<8 x float>"
@@ -401,7 +401,8 @@ def module() -> str:
                  "ptr %x, i64 %K, i64 %b1)")
 
     return "\n\n".join([DECLS, _fp4_row(), _fp4_int_row(False), _fp4_int_row(True), _scale_normal(), _fp8_row(),
-                        _export("fp4", fp4), _export("fp8", fp8)] + float_kernels("avx2") + ir_dequant.functions())
+                        _export("fp4", fp4), _export("fp8", fp8)] + float_kernels("avx2") + ir_dequant.functions()
+                       + ir_attn.functions("avx2"))
 
 
 def float_kernels(isa: str, formats=("bf16", "f32"), pf: Prefetch = ROW_PREFETCH) -> list[str]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from dsv4.quant.formats import E2M1_VALUES, E4M3_VALUES
 
-from . import ir_amx, ir_avx2, ir_avx512_int, ir_gemm
+from . import ir_amx, ir_attn, ir_avx2, ir_avx512_int, ir_gemm
 from .irgen import Fn, Prefetch, bf16_bits, by_nterms, choose, counted_loop, i8s, mask_first, splat, vec, vsum
 
 Z = "<16 x float>"
@@ -363,6 +363,7 @@ def module(amx: bool = False, pf: Prefetch = PREFETCH_T1) -> str:
     parts = [DECLS] + ir_avx512_int.functions(pf)
     parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt, pf) for nt in NTERMS]
     parts += [_bf16_row(nt, pf) for nt in NTERMS] + ir_gemm.functions(_fp8_tables()) + ir_amx.functions(amx)
+    parts += ir_attn.functions("avx512")
     parts += [ir_avx512_int.fp4_export(), _fp8_export(), _export("bf16", bf16)]
     parts += ir_avx2.float_kernels("avx512", ("f32",), pf) + [ir_avx2.float_row("bf16", pf)]
     return "\n\n".join(parts)
