@@ -20,6 +20,12 @@ def reference(q, keys, sink, scale):
     return (e @ keys.astype(np.float64)) / (e.sum(1) + np.exp(sink - M))[:, None]
 
 
+def attend(variant, q, keys, sink, scale, nthreads, out):
+    """attend_keys of `variant` without the rotation."""
+    none = np.empty(0, np.float32)
+    attn_decode.attend_keys(variant)(q, keys, sink, scale, nthreads, out, none, none, False)
+
+
 def case(rng, H, D, n, spread=1.0):
     q = attn.aligned_empty((H, D))
     q[:] = bf16_round(rng.standard_normal((H, D)).astype(np.float32))
@@ -37,7 +43,7 @@ def test_attend_keys_matches_reference(rng, variant, H, D, n):
     q, keys, sink = case(rng, H, D, n)
     scale = np.float32(D ** -0.5)
     out = attn.aligned_empty((H, D))
-    attn_decode.attend_keys(variant)(q, keys, sink, scale, numba.get_num_threads(), out)
+    attend(variant, q, keys, sink, scale, numba.get_num_threads(), out)
     if n == 0:
         assert not out.any()
         return
@@ -52,7 +58,7 @@ def test_attend_keys_same_bits_for_any_thread_count(rng, variant):
     outs = []
     for nthreads in (1, 2, 3, 5, 16):
         out = attn.aligned_empty((64, 512))
-        attn_decode.attend_keys(variant)(q, keys, sink, np.float32(0.05), nthreads, out)
+        attend(variant, q, keys, sink, np.float32(0.05), nthreads, out)
         outs.append(out.view(np.uint32).copy())
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
@@ -73,7 +79,7 @@ def test_large_scores_do_not_overflow(rng):
     keys[:150] *= 60
     keys[150:] *= -60
     out = attn.aligned_empty((H, D))
-    attn_decode.attend_keys(VARIANTS[0])(q, keys, sink, np.float32(1.0), 2, out)
+    attend(VARIANTS[0], q, keys, sink, np.float32(1.0), 2, out)
     want = reference(q, keys, sink, 1.0)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-4 * np.abs(keys).max())
@@ -125,5 +131,5 @@ def test_sparse_attn_single_query_uses_the_decode_kernel(rng):
     keys = attn.aligned_empty((52, D))
     keys[:] = kv[idx[0][idx[0] >= 0]]
     want = attn.aligned_empty((H, D))
-    attn_decode.attend_keys(VARIANTS[0])(q, keys, sink, np.float32(0.125), numba.get_num_threads(), want)
+    attend(VARIANTS[0], q, keys, sink, np.float32(0.125), numba.get_num_threads(), want)
     assert np.array_equal(got[0].view(np.uint32), want.view(np.uint32))

@@ -23,6 +23,7 @@ from .attn_decode import attend_keys
 from .attn_sparse import sparse_attn_into
 from .attn_topk import topk_into, topk_rows_into
 
+_NO_ROPE = np.empty(0, np.float32)   # attend_keys' cos, sin when it does not rotate
 PARALLEL_ROWS = 64          # KV rows written per call from which the write runs in parallel
 
 __all__ = ["aligned_empty", "read_kv_fp8", "read_kv_bf16", "read_kv_f32", "read_kv", "write_kv",
@@ -182,7 +183,8 @@ def sparse_attn(q, kv, idx, sink, scale: float, out=None, heads_per_item: int | 
         rows = idx[0][idx[0] >= 0]
         keys = aligned_empty((rows.size, D))
         np.take(kv, rows, axis=0, out=keys)
-        attend_keys(variant)(q[0], keys, sink, np.float32(scale), numba.get_num_threads(), out[0])
+        attend_keys(variant)(q[0], keys, sink, np.float32(scale), numba.get_num_threads(), out[0], _NO_ROPE,
+                             _NO_ROPE, False)
         return out
     if heads_per_item is None:               # >= 2 items per thread: split the heads
         heads_per_item = max(2, H * S // (2 * numba.get_num_threads()))

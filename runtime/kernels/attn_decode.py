@@ -26,6 +26,7 @@ from numba import njit, prange
 from . import ir, sources
 from .attn_sparse import _scores, _weighted
 from .attn_util import F32, exp_f32, jit_opts
+from .glue import bf16, rope_vec
 
 PART = 128                 # keys per part, about (n_parts)
 
@@ -79,8 +80,10 @@ def _part_softmax(S, h0, h1, j0, j1, scale, m, l):
 
 
 @njit(**jit_opts(parallel=True))
-def combine_parts(O, m, l, sink, out):
-    """out [H, D] = sum_p w_p O[p] / (sum_p w_p l[p] + e^(sink - M)) per head (see module)."""
+def combine_parts(O, m, l, sink, out, cos, sin, rotate):
+    """out [H, D] = sum_p w_p O[p] / (sum_p w_p l[p] + e^(sink - M)) per head (see module);
+    rotate: then, per head as attn_step._output_heads, bf16-round it and apply the rotation
+    (cos, sin) of the last 2*len(cos) dims (the decode step's inverse RoPE)."""
     P, H, D = O.shape
     for h in prange(H):
         M = sink[h]
@@ -102,13 +105,18 @@ def combine_parts(O, m, l, sink, out):
             src = O[p, h]
             for d in range(D):
                 o[d] += wp * src[d]
+        if rotate:
+            for d in range(D):
+                o[d] = bf16(o[d])
+            rope_vec(o, cos, sin, True)
 
 
 @functools.cache
 def attend_keys(variant: str):
-    """The compiled attend_keys(q [H, D], keys [n, D], sink [H], scale, nthreads, out [H, D])
-    of kernel variant `variant` ('avx512', 'avx2' or 'numba'); rows of q, keys and out
-    contiguous. n = 0 gives out = 0."""
+    """The compiled attend_keys(q [H, D], keys [n, D], sink [H], scale, nthreads, out [H, D],
+    cos, sin, rotate) of kernel variant `variant` ('avx512', 'avx2' or 'numba'); rows of q,
+    keys and out contiguous. n = 0 gives out = 0. rotate: out is then bf16-rounded and
+    rotated by (cos, sin) per head (combine_parts); else cos and sin are not read."""
     ISA, DIGEST = variant, sources.digest()                 # compile-time constants
     NS, NW = f"dsv4_{variant}_attn_scores", f"dsv4_{variant}_attn_wsum"
     if variant == "numba":
@@ -153,11 +161,14 @@ def attend_keys(variant: str):
     parts.__name__ = parts.__qualname__ = f"attend_parts_{variant}"
     parts = njit(cache=True, parallel=True, boundscheck=False)(parts)
 
-    def attend(q, keys, sink, scale, nthreads, out):
+    def attend(q, keys, sink, scale, nthreads, out, cos, sin, rotate):
         n = keys.shape[0]
         H, D = q.shape
         if n == 0:
             out[:, :] = 0.0
+            if rotate:                       # zeros stay zeros
+                for h in range(H):
+                    rope_vec(out[h], cos, sin, True)
             return
         P = n_parts(n)
         S = np.empty((H, n), F32)
@@ -165,7 +176,7 @@ def attend_keys(variant: str):
         m = np.empty((P, H), F32)
         l = np.empty((P, H), F32)
         parts(q, keys, scale, nthreads, S, O, m, l)
-        combine_parts(O, m, l, sink, out)
+        combine_parts(O, m, l, sink, out, cos, sin, rotate)
 
     attend.__name__ = attend.__qualname__ = f"attend_keys_{variant}"
     return njit(cache=True, boundscheck=False)(attend)

@@ -4,7 +4,7 @@
 on, cached KV nope dims rounded to e4m3, KV in an Fp8KVStore, indexer keys in an
 Fp4KeyStore): everything between the query matmuls and wo_a, without returning to Python.
 Each piece is the fused kernel the fast backend calls one by one on that path (glue.py,
-actq.py, attn_kv.py, attn_index.py, attn_topk.py, attn_sparse.py), called here in the same
+actq.py, attn_kv.py, attn_index.py, attn_topk.py, attn_decode.py), called here in the same
 order on the same values, so the results are bit-identical to it; the compressor's pooling
 is written out below (compressor.pool: float64 softmax, rows added in order).
 
@@ -59,16 +59,6 @@ def _query_heads(xq, eps, cos, sin, q):
         for j in range(D):
             v[j] = bf16(src[j])
         head_norm_vec(v, eps, True)
-        rope_vec(v, cos, sin, True)
-
-
-@njit(**_OPTS, parallel=True)
-def _output_heads(o, cos, sin):
-    """In place: o [1, H, D] = rope^-1(bf16(o)) (cos, sin of the inverse), heads in parallel."""
-    for h in prange(o.shape[1]):
-        v = o[0, h]
-        for j in range(v.shape[0]):
-            v[j] = bf16(v[j])
         rope_vec(v, cos, sin, True)
 
 
@@ -229,9 +219,8 @@ def attend_one_for(variant: str):
                              keys[n_prev + 1:n_keys])
         write_kv_fp8_into(kv, np.full(1, p % window, np.int64), KV_BLOCK, ring[0], ring[1], ring[2])
 
-        attend_keys(q[0], keys[:n_keys], sink, F32(scale), nthreads, out[0])
-        cos, sin = _cos_sin(p, freqs, True)
-        _output_heads(out, cos, sin)
+        cos, sin = _cos_sin(p, freqs, True)                  # then rope^-1(bf16(o)) per head
+        attend_keys(q[0], keys[:n_keys], sink, F32(scale), nthreads, out[0], cos, sin, True)
         return n_comp
     # one name per variant (see gemv._driver on same-named cached closures)
     attend_one.__name__ = attend_one.__qualname__ = f"attend_one_{variant}"
