@@ -6,11 +6,12 @@ from dsv4.quant.blocks import q4, q8
 from dsv4.quant.formats import bf16_round
 from dsv4.runtime.attention.indexer import select
 from dsv4.runtime.backend import RefBackend
-from dsv4.runtime.kernels import attn
+from dsv4.runtime.kernels import attn, cpu
 from dsv4.runtime.kv_cache import Bf16Store, F32Store, Fp4KeyStore, Fp8KVStore
 from dsv4.runtime.nn import topk_desc
 from dsv4.runtime.numerics import Numerics
 
+VARIANTS = [v for v in cpu.VARIANTS if not cpu.unmet(v, cpu.host_features())]
 REF = RefBackend(Numerics())
 REF_EXACT = RefBackend(Numerics(exact=True))
 
@@ -249,24 +250,26 @@ def fp4_case(rng, S, Ih, Id, T, rows=None):
     return qi, wt, st
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("S,Ih,Id,T", [(1, 3, 64, 1), (2, 3, 64, 130), (1, 64, 128, 300),
                                        (9, 5, 128, 257), (3, 2, 32, 0)])
-def test_index_scores_fp4_bit_exact(rng, S, Ih, Id, T):
+def test_index_scores_fp4_bit_exact(rng, S, Ih, Id, T, variant):
     qi, wt, st = fp4_case(rng, S, Ih, Id, T)
     want = REF.index_scores(qi, wt, st, T)
-    got = attn.index_scores(qi, wt, st, T, round_bf16=True)
+    got = attn.index_scores(qi, wt, st, T, round_bf16=True, variant=variant)
     assert got.shape == (S, T)
     assert np.array_equal(bits(got), bits(want))
 
 
-def test_index_scores_exact_mode_f32_keys(rng):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_index_scores_exact_mode_f32_keys(rng, variant):
     S, Ih, Id, T = 3, 5, 96, 200
     qi = rng.standard_normal((S, Ih, Id)).astype(np.float32)
     wt = rng.standard_normal((S, Ih)).astype(np.float32)
     st = F32Store(T + 1, Id)
     st.write(slice(0, T), rng.standard_normal((T, Id)).astype(np.float32))
     want = REF_EXACT.index_scores(qi, wt, st, T)
-    got = attn.index_scores(qi, wt, st, T, round_bf16=False)
+    got = attn.index_scores(qi, wt, st, T, round_bf16=False, variant=variant)
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 1e-5 * scale
     # keys given as float32 with the FP4-rounded values: the float path is bit-exact too
@@ -274,7 +277,7 @@ def test_index_scores_exact_mode_f32_keys(rng):
     keys = st4.read(slice(0, T))
     f = F32Store(T, 128)
     f.write(slice(0, T), keys)
-    got4 = attn.index_scores_f32(qi4, wt4, f.data, T, round_bf16=True)
+    got4 = attn.index_scores_f32(qi4, wt4, f.data, T, round_bf16=True, variant=variant)
     assert np.array_equal(bits(got4), bits(REF.index_scores(qi4, wt4, st4, T)))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..kv_cache import Bf16Store, F32Store, Fp4KeyStore, Fp8KVStore
 from .aligned import aligned_copy, aligned_empty
-from .attn_index import index_scores_into
+from .attn_index import index_scores_for
 from .attn_kv import (read_kv_bf16_into, read_kv_f32_into, read_kv_fp8_into, write_kv_bf16_into,
                       write_kv_bf16_par, write_kv_fp4_into, write_kv_fp4_par, write_kv_fp8_into,
                       write_kv_fp8_par)
@@ -219,9 +219,10 @@ def _index_args(qi, wt, T, n_rows):
     return S, Id
 
 
-def index_scores_fp4(qi, wt, packed, exps, T: int, round_bf16: bool = True, out=None):
+def index_scores_fp4(qi, wt, packed, exps, T: int, round_bf16: bool = True, out=None, variant: str = "numba"):
     """RefBackend.index_scores over an Fp4KeyStore (packed u8[Rows, Id/2], exps i8[Rows,
-    Id/32]) -> f32[S, T]. Bit-identical to the reference when qi is FP4-rounded."""
+    Id/32]) -> f32[S, T]. Bit-identical to the reference when qi is FP4-rounded. `variant`:
+    the gemv kernel variant whose tile products to use (attn_index.index_scores_for)."""
     _arr(packed, np.uint8, "packed", 2)
     _arr(exps, np.int8, "exps", 2)
     qi, wt = np.ascontiguousarray(qi, np.float32), np.ascontiguousarray(wt, np.float32)
@@ -230,12 +231,12 @@ def index_scores_fp4(qi, wt, packed, exps, T: int, round_bf16: bool = True, out=
         raise ValueError(f"key cache {packed.shape}/{exps.shape} does not fit head dim {Id}")
     out = _out(out, (S, T))
     if S and T:
-        index_scores_into(qi, wt, packed, exps, np.empty((0, Id), np.float32), T,
+        index_scores_for(variant)(qi, wt, packed, exps, np.empty((0, Id), np.float32), T,
                           bool(round_bf16), _query_block(S, T), out)
     return out
 
 
-def index_scores_f32(qi, wt, keys, T: int, round_bf16: bool = False, out=None):
+def index_scores_f32(qi, wt, keys, T: int, round_bf16: bool = False, out=None, variant: str = "numba"):
     """RefBackend.index_scores over float32 keys [Rows, Id] (F32Store) -> f32[S, T]."""
     _arr(keys, np.float32, "keys", 2)
     qi, wt = np.ascontiguousarray(qi, np.float32), np.ascontiguousarray(wt, np.float32)
@@ -244,18 +245,18 @@ def index_scores_f32(qi, wt, keys, T: int, round_bf16: bool = False, out=None):
         raise ValueError(f"keys: expected {Id} columns, got {keys.shape[1]}")
     out = _out(out, (S, T))
     if S and T:
-        index_scores_into(qi, wt, np.empty((0, Id // 2), np.uint8),
+        index_scores_for(variant)(qi, wt, np.empty((0, Id // 2), np.uint8),
                           np.empty((0, Id // 32), np.int8), keys, T, bool(round_bf16),
                           _query_block(S, T), out)
     return out
 
 
-def index_scores(qi, wt, store, T: int, round_bf16: bool) -> np.ndarray:
+def index_scores(qi, wt, store, T: int, round_bf16: bool, variant: str = "numba") -> np.ndarray:
     """RefBackend.index_scores for an Fp4KeyStore or F32Store (round_bf16 = not exact)."""
     if isinstance(store, Fp4KeyStore):
-        return index_scores_fp4(qi, wt, store.packed, store.exps, T, round_bf16)
+        return index_scores_fp4(qi, wt, store.packed, store.exps, T, round_bf16, variant=variant)
     if isinstance(store, F32Store) and store.data.dtype == np.float32:
-        return index_scores_f32(qi, wt, store.data, T, round_bf16)
+        return index_scores_f32(qi, wt, store.data, T, round_bf16, variant=variant)
     raise TypeError(f"index_scores: unsupported key store {type(store).__name__}")
 
 

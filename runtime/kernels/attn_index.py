@@ -20,12 +20,17 @@ kT[Id, _TB] (values e2m1 * 2^kk, exact; columns past the last key are 0), so the
 runs over keys with a compile-time trip count and constant row offsets:
     out[j] (+)= sum_{i<16} q[d0 + i] * kT[d0 + i, j]      (16 broadcasts, 4 FMA chains)
 The (block, head) loop order keeps a block's 32 key rows (16 KB) in L1 across all heads.
-Block sums go to part[b, h, :]; a vectorized epilogue per head combines them.
+Block sums go to part[b, h, :] (index_scores_for: by an IR kernel or Numba loops); a
+vectorized epilogue per head combines them.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
+
+from . import ir, sources
 
 from .attn_util import F32, U32, bf16_round, jit_opts, u32_as_f32
 
@@ -122,17 +127,22 @@ def _dot16(qh, d0, kb, out, first):
 
 
 @njit(**jit_opts())
-def _query_tile(qs, ws, kT, round_bf16, part, d64, acc, osc):
-    """Scores of one query (qs f32[Ih, Id], ws f32[Ih]) against one tile -> osc[:n]."""
+def _tile_products_nb(qs, kT, part):
+    """part[(b * Ih + h) * _TB + j] = block b's sum of qs[h, d] * kT[d * _TB + j] (Numba)."""
     Ih, Id = qs.shape
-    nb = Id // _BLK
-    for b in range(nb):
+    for b in range(Id // _BLK):
         kb0 = kT[(b * _BLK) * _TB:(b * _BLK + 16) * _TB]
         kb1 = kT[(b * _BLK + 16) * _TB:(b * _BLK + 32) * _TB]
         for h in range(Ih):
             out = part[(b * Ih + h) * _TB:(b * Ih + h + 1) * _TB]
             _dot16(qs[h], b * _BLK, kb0, out, True)
             _dot16(qs[h], b * _BLK + 16, kb1, out, False)
+
+
+@njit(**jit_opts())
+def _tile_scores(ws, part, nb, round_bf16, d64, acc, osc):
+    """Scores of one query (head weights ws f32[Ih]) from its block sums `part` -> osc[:n]."""
+    Ih = ws.shape[0]
     acc[:] = 0.0
     for h in range(Ih):
         w = ws[h]
@@ -167,28 +177,49 @@ def _query_tile(qs, ws, kT, round_bf16, part, d64, acc, osc):
             osc[j] = F32(acc[j])
 
 
-@njit(**jit_opts(parallel=True))
-def index_scores_into(qi, wt, packed, exps, keys, T, round_bf16, sb, out):
-    """qi f32[S, Ih, Id] (Id % 32 == 0), wt f32[S, Ih]; keys either packed u8[Rows, Id/2] +
+@functools.cache
+def index_scores_for(variant: str):
+    """The compiled index_scores(qi, wt, packed, exps, keys, T, round_bf16, sb, out) of kernel
+    variant `variant`: the block sums of a tile by the IR kernel dsv4_<isa>_index_tile
+    ('avx512', 'avx2') or by Numba loops ('numba'). In the default mode every block sum is
+    exact, so all variants give the same bits.
+
+    qi f32[S, Ih, Id] (Id % 32 == 0), wt f32[S, Ih]; keys either packed u8[Rows, Id/2] +
     exps i8[Rows, Id/32] (with `keys` of 0 rows) or keys f32[Rows, Id] (with `packed` of 0
     rows); T <= Rows keys scored, `sb` queries per work item -> out f32[S, T]."""
-    S, Ih, Id = qi.shape
-    nt = (T + _TB - 1) // _TB
-    ns = (S + sb - 1) // sb
-    fp4 = packed.shape[0] > 0
-    nb = Id // _BLK
-    for item in prange(nt * ns):
-        it = item // ns
-        s0 = (item - it * ns) * sb
-        t0 = it * _TB
-        n = min(_TB, T - t0)
-        kT = _aligned_f32(Id * _TB)
-        if fp4:
-            _decode_fp4_tile(packed, exps, t0, n, kT)
-        else:
-            _copy_f32_tile(keys, t0, n, kT)
-        part = _aligned_f32(nb * Ih * _TB)
-        d64 = np.empty(_TB, np.float64)
-        acc = np.empty(_TB, np.float64)
-        for s in range(s0, min(s0 + sb, S)):
-            _query_tile(qi[s], wt[s], kT, round_bf16, part, d64, acc, out[s, t0:t0 + n])
+    DIGEST, ISA, NAME = sources.digest(), variant, f"dsv4_{variant}_index_tile"   # compile-time constants
+    if variant == "numba":
+        products = _tile_products_nb
+    else:
+        def products(qs, kT, part):
+            ir.ir_call(ISA, NAME, (np.uint64(qs.ctypes.data), np.uint64(kT.ctypes.data),
+                                   np.uint64(part.ctypes.data), np.int64(qs.shape[0]), np.int64(qs.shape[1]),
+                                   np.int64(_TB)))
+        products = njit(cache=True, boundscheck=False)(products)
+
+    def index_scores(qi, wt, packed, exps, keys, T, round_bf16, sb, out):
+        assert DIGEST != ""
+        S, Ih, Id = qi.shape
+        nt = (T + _TB - 1) // _TB
+        ns = (S + sb - 1) // sb
+        fp4 = packed.shape[0] > 0
+        nb = Id // _BLK
+        for item in prange(nt * ns):
+            it = item // ns
+            s0 = (item - it * ns) * sb
+            t0 = it * _TB
+            n = min(_TB, T - t0)
+            kT = _aligned_f32(Id * _TB)
+            if fp4:
+                _decode_fp4_tile(packed, exps, t0, n, kT)
+            else:
+                _copy_f32_tile(keys, t0, n, kT)
+            part = _aligned_f32(nb * Ih * _TB)
+            d64 = np.empty(_TB, np.float64)
+            acc = np.empty(_TB, np.float64)
+            for s in range(s0, min(s0 + sb, S)):
+                products(qi[s], kT, part)
+                _tile_scores(wt[s], part, nb, round_bf16, d64, acc, out[s, t0:t0 + n])
+    # one name per variant (see gemv._driver on same-named cached closures)
+    index_scores.__name__ = index_scores.__qualname__ = f"index_scores_{variant}"
+    return njit(**jit_opts(parallel=True))(index_scores)

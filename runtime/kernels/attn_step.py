@@ -21,7 +21,7 @@ from numba import njit, prange
 
 from .actq import quant_row
 from . import attn_decode, sources
-from .attn_index import index_scores_into
+from .attn_index import index_scores_for
 from .attn_kv import read_kv_fp8_into, write_kv_fp4_into, write_kv_fp8_into
 from .attn_topk import topk_rows_into
 from .glue import (
@@ -135,6 +135,7 @@ def attend_one_for(variant: str):
     """attend_one compiled for kernel variant `variant` ('avx512', 'avx2' or 'numba', whose
     attn_decode.attend_keys computes the attention itself), cached on disk."""
     attend_keys, DIGEST = attn_decode.attend_keys(variant), sources.digest()   # compile-time constants
+    index_scores_into = index_scores_for(variant)
 
     def attend_one(p, window, ratio, eps, scale, nthreads, freqs, sink, kv_norm,
                    xq, xkv, comp, comp_w, comp_st, xqi, xw, index, index_w, index_st, wscale, topk,

@@ -252,7 +252,7 @@ class FastBackend(DecodeOps, AttnOps, GemmOps, MoEOps, FusedOps, RefBackend):
         return attn.sparse_attn(q, kv, idx, sink, scale, variant=self.k.variant)
 
     def index_scores(self, qi, wt, store, T):
-        return attn.index_scores(qi, wt, store, T, round_bf16=not self.num.exact)
+        return attn.index_scores(qi, wt, store, T, round_bf16=not self.num.exact, variant=self.k.variant)
 
     def select_topk(self, scores, positions, ratio, topk):
         return attn.select_rows(scores, positions, ratio, topk)

@@ -22,6 +22,8 @@ from .irgen import Fn, counted_loop, mask_first
 
 SHAPES = {"avx512": (16, (4, 4), (4, 4)), "avx2": (8, (2, 4), (4, 2))}   # W, scores HBxKB, wsum HBxVB
 PARAMS = {f"dsv4_{isa}_attn_{k}": "pppiiiiii" for isa in SHAPES for k in ("scores", "wsum")}
+PARAMS |= {f"dsv4_{isa}_index_tile": "pppiii" for isa in SHAPES}
+INDEX_BLOCK = 32           # dims per partial sum of the indexer (its FP4 scale block)
 
 
 def _decls(W: int) -> str:
@@ -197,6 +199,60 @@ def _wsum(isa: str) -> str:
     return f.end()
 
 
+def _index_tile(isa: str) -> str:
+    """dsv4_{isa}_index_tile(q, kT, part, nh, Id, tb): the indexer's block sums for one tile
+    of tb keys stored transposed (kT[d * tb + j]): part[(b * nh + h) * tb + j] =
+    sum over d in block b (INDEX_BLOCK dims, in order) of q[h * Id + d] * kT[d * tb + j].
+    Id a multiple of INDEX_BLOCK, tb a multiple of VB * W. Blocks of HB heads x VB vectors of
+    keys, as wsum: VB loads and HB broadcasts per HB * VB FMAs."""
+    W, _, (HB, VB) = SHAPES[isa]
+    V = f"<{W} x float>"
+    f = Fn(f"define void @dsv4_{isa}_index_tile(ptr noalias %q, ptr noalias %kT, ptr noalias %part, i64 %nh, "
+           "i64 %Id, i64 %tb)")
+    nb = f(f"udiv i64 %Id, {INDEX_BLOCK}")
+    hlast = f("sub i64 %nh, 1")
+    nhb = f(f"udiv i64 {f(f'add i64 %nh, {HB - 1}')}, {HB}")
+    njb = f(f"udiv i64 %tb, {VB * W}")
+
+    def block(f, b, _):
+        d0 = f(f"mul i64 {b}, {INDEX_BLOCK}")
+
+        def head_block(f, hb, _):
+            hs = [f(f"add i64 {f(f'mul i64 {hb}, {HB}')}, {i}") for i in range(HB)]
+            qs = [f.gep("float", _row(f, "%q", h, hlast, "%Id"), d0) for h in hs]
+
+            def key_block(f, jb, _):
+                j0 = f(f"mul i64 {jb}, {VB * W}")
+
+                def step(f, d, accs):
+                    dd = f(f"add i64 {d0}, {d}")
+                    krow = f.gep("float", "%kT", f(f"add i64 {f(f'mul i64 {dd}, %tb')}, {j0}"))
+                    kv = [f(f"load {V}, ptr {f.gep('float', krow, v * W)}, align 4") for v in range(VB)]
+                    out = []
+                    for i in range(HB):
+                        qd = f(f"load float, ptr {f.gep('float', qs[i], d)}, align 4")
+                        qb = f.splat("float", W, qd)
+                        out += [_fma(f, V, qb, kv[v], accs[i * VB + v]) for v in range(VB)]
+                    return out
+                accs = counted_loop(f, str(INDEX_BLOCK), step, [(V, "zeroinitializer")] * (HB * VB),
+                                    f"id{f.new()[2:]}")
+                for i, h in enumerate(hs):
+                    hc = f(f"select i1 {f(f'icmp slt i64 {h}, %nh')}, i64 {h}, i64 {hlast}")
+                    bh = f(f"add i64 {f(f'mul i64 {b}, %nh')}, {hc}")
+                    prow = f.gep("float", "%part", f(f"mul i64 {bh}, %tb"))
+                    for v in range(VB):
+                        ptr = f.gep("float", prow, f(f"add i64 {j0}, {v * W}"))
+                        f.put(f"store {V} {accs[i * VB + v]}, ptr {ptr}, align 4")
+                return []
+            counted_loop(f, njb, key_block, [], f"ij{f.new()[2:]}")
+            return []
+        counted_loop(f, nhb, head_block, [], f"ih{f.new()[2:]}")
+        return []
+    counted_loop(f, nb, block, [], "ib")
+    f.put("ret void")
+    return f.end()
+
+
 def functions(isa: str) -> list[str]:
-    """The declarations and both kernels for the module of `isa` ('avx512' or 'avx2')."""
-    return [_decls(SHAPES[isa][0]), _scores(isa), _wsum(isa)]
+    """The declarations and the kernels for the module of `isa` ('avx512' or 'avx2')."""
+    return [_decls(SHAPES[isa][0]), _scores(isa), _wsum(isa), _index_tile(isa)]
