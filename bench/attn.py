@@ -91,9 +91,12 @@ def machine() -> str:
 
 
 def cases(rng, reps_big):
+    import numba
+
     from dsv4.quant.blocks import q4
     from dsv4.quant.formats import bf16_round
-    from dsv4.runtime.kernels import attn
+    from dsv4.runtime.kernels import attn, gemv
+    from dsv4.runtime.kernels.attn_decode import attend_keys
     from dsv4.runtime.kernels.attn_kv import read_kv_fp8_lut_into
     from dsv4.quant.formats import E4M3_VALUES
     from dsv4.runtime.kv_cache import Fp4KeyStore, Fp8KVStore
@@ -121,10 +124,15 @@ def cases(rng, reps_big):
     kv16[:] = kv
     sink = rng.standard_normal(H).astype(np.float32)
     idx640 = rng.permutation(1024)[:640][None, :].copy()
+    variant = gemv.kernels().variant               # the host's kernels (the decode step's)
+    attend, o1, none = attend_keys(variant), attn.aligned_empty((H, D)), np.empty(0, np.float32)
     for K, ref in ((640, "attn_decode"), (128, "attn_swa")):
         idx = idx640[:, :K].copy()
         yield (f"sparse_attn decode S=1 H=64 D=512 K={K}", ref, 0, 4 * H * K * D,
                lambda idx=idx: attn.sparse_attn(q, kv, idx, sink, D ** -0.5), 20)
+        yield (f"attend_keys ({variant}: split over keys) K={K}", ref, 0, 4 * H * K * D,
+               lambda K=K: attend(q[0], kv[:K], sink, np.float32(D ** -0.5), numba.get_num_threads(), o1,
+                                  none, none, False), 20)
     yield ("sparse_attn decode K=640, kv not 64B-aligned", "attn_decode", 0, 4 * H * 640 * D,
            lambda: attn.sparse_attn(q, kv16, idx640, sink, D ** -0.5), 20)
     S = 128
@@ -142,10 +150,11 @@ def cases(rng, reps_big):
         ks.write(slice(0, T), q4(rng.standard_normal((T, Id)).astype(np.float32)))
         qi = q4(bf16_round(rng.standard_normal((S, Ih, Id)).astype(np.float32)))
         wt = bf16_round((rng.standard_normal((S, Ih)) * 0.01).astype(np.float32))
-        yield (f"index_scores_fp4 S={S} T={T}", ref, T * (Id // 2 + Id // 32),
-               2 * S * Ih * Id * T,
-               lambda qi=qi, wt=wt, ks=ks, T=T: attn.index_scores_fp4(qi, wt, ks.packed,
-                                                                      ks.exps, T), reps)
+        for v in dict.fromkeys(("numba", variant)):
+            yield (f"index_scores_fp4 ({v}) S={S} T={T}", ref, T * (Id // 2 + Id // 32),
+                   2 * S * Ih * Id * T,
+                   lambda qi=qi, wt=wt, ks=ks, T=T, v=v: attn.index_scores_fp4(qi, wt, ks.packed, ks.exps, T,
+                                                                              variant=v), reps)
     for T in (1024, 262144):
         sc = bf16_round(rng.standard_normal(T).astype(np.float32))
         yield (f"topk_indices T={T} k=512", "", 4 * T, 0,

@@ -18,7 +18,7 @@ on the block it falls in, so splitting the heads over threads does not change a 
 """
 from __future__ import annotations
 
-from .irgen import Fn, counted_loop, mask_first
+from .irgen import Fn, branch, counted_loop, mask_first
 
 SHAPES = {"avx512": (16, (4, 4), (4, 4)), "avx2": (8, (2, 4), (4, 2))}   # W, scores HBxKB, wsum HBxVB
 PARAMS = {f"dsv4_{isa}_attn_{k}": "pppiiiiii" for isa in SHAPES for k in ("scores", "wsum")}
@@ -107,26 +107,22 @@ def _scores(isa: str) -> str:
             f.label(f"sj{tag}")
             accs = [f.merge(V, [(a, pre), (t, tb)]) for a, t in zip(accs, tl)]
             sums = _tree_sum(f, V, W, accs)                 # lane i*KB + c: head i, key c
-            full = f(f"icmp sle i64 {f(f'add i64 {j0}, {KB}')}, %nk")
-            tag = f.new()[2:]
-            f.cbr(full, f"%sf{tag}", f"%sp{tag}")
-            f.label(f"sf{tag}")                             # KB keys: one store per head
-            for i, h in enumerate(hs):
-                part = f(f"shufflevector {V} {sums}, {V} poison, <{KB} x i32> "
-                         f"<{', '.join(f'i32 {i * KB + c}' for c in range(KB))}>")
-                row = _row(f, "%s", h, hlast, "%lds")
-                f.put(f"store <{KB} x float> {part}, ptr {f.gep('float', row, j0)}, align 4")
-            f.br(f"%se{tag}")
-            f.label(f"sp{tag}")                             # the last keys one by one
-            for i, h in enumerate(hs):
-                row = _row(f, "%s", h, hlast, "%lds")
-                for c in range(KB):
-                    j = f(f"add i64 {j0}, {c}")
-                    jc = f(f"select i1 {f(f'icmp slt i64 {j}, %nk')}, i64 {j}, i64 {klast}")
-                    val = f(f"extractelement {V} {sums}, i64 {i * KB + c}")   # clamped: key nk-1's
-                    f.put(f"store float {val}, ptr {f.gep('float', row, jc)}, align 4")
-            f.br(f"%se{tag}")
-            f.label(f"se{tag}")
+            def whole(f):                                   # KB keys: one store per head
+                for i, h in enumerate(hs):
+                    part = f(f"shufflevector {V} {sums}, {V} poison, <{KB} x i32> "
+                             f"<{', '.join(f'i32 {i * KB + c}' for c in range(KB))}>")
+                    row = _row(f, "%s", h, hlast, "%lds")
+                    f.put(f"store <{KB} x float> {part}, ptr {f.gep('float', row, j0)}, align 4")
+
+            def last(f):                                    # the last keys one by one
+                for i, h in enumerate(hs):
+                    row = _row(f, "%s", h, hlast, "%lds")
+                    for c in range(KB):
+                        j = f(f"add i64 {j0}, {c}")
+                        jc = f(f"select i1 {f(f'icmp slt i64 {j}, %nk')}, i64 {j}, i64 {klast}")
+                        val = f(f"extractelement {V} {sums}, i64 {i * KB + c}")   # clamped: key nk-1's
+                        f.put(f"store float {val}, ptr {f.gep('float', row, jc)}, align 4")
+            branch(f, f(f"icmp sle i64 {f(f'add i64 {j0}, {KB}')}, %nk"), whole, last)
             return []
         counted_loop(f, nkb, key_block, [], f"kb{f.new()[2:]}")
         return []
@@ -182,15 +178,7 @@ def _wsum(isa: str) -> str:
                                   f"i32 4, <{W} x i1> {masks[v]})")
                         else:
                             f.put(f"store {V} {accs[i * VB + v]}, ptr {ptr}, align 4")
-            tag = f.new()[2:]
-            f.cbr(full, f"%wf{tag}", f"%wm{tag}")
-            f.label(f"wf{tag}")
-            run(f, False)
-            f.br(f"%we{tag}")
-            f.label(f"wm{tag}")
-            run(f, True)
-            f.br(f"%we{tag}")
-            f.label(f"we{tag}")
+            branch(f, full, lambda f: run(f, False), lambda f: run(f, True))
             return []
         counted_loop(f, nhb, head_block, [], f"hb{f.new()[2:]}")
         return []

@@ -181,6 +181,17 @@ def choose(f: Fn, cond: str, yes, no, ty: str = "float") -> str:
     return f.merge(ty, vals)
 
 
+def branch(f: Fn, cond: str, yes, no) -> None:
+    """if cond: yes(f) else: no(f), each emitting its own blocks, no value merged."""
+    tag = f.new()[1:]
+    f.cbr(cond, f"%{tag}_y", f"%{tag}_n")
+    for side, fn in (("y", yes), ("n", no)):
+        f.label(f"{tag}_{side}")
+        fn(f)
+        f.br(f"%{tag}_j")
+    f.label(f"{tag}_j")
+
+
 def by_nterms(f: Fn, name: str, args: str, cases=(1, 2, 3)) -> str:
     """float @{name}{nt}(args) for nt = %nterms (anything not in cases -> the last case),
     one switch per call."""
