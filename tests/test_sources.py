@@ -66,3 +66,18 @@ def test_cli_puts_the_numba_cache_under_the_digest(tmp_path, monkeypatch):
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "mine"))    # the user's choice wins
     main._numba_cache_dir()
     assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_compiled_closures_capture_only_plain_constants():
+    """Numba keys a cached closure on its captured values, pickled; a captured dispatcher
+    pickles differently in every process, so such a closure would compile anew in each one
+    (it cost every CLI launch ~25 s once). The per-variant closures capture strings only."""
+    from dsv4.runtime.kernels import attn_decode, attn_index, attn_step, decode_layer, gemv
+    factories = [attn_decode.attend_keys, attn_decode._parts, attn_index.index_scores_for,
+                 attn_step.attend_one_for]
+    made = [f(v) for f in factories for v in ("avx512", "avx2", "numba")]
+    made += [decode_layer.layer_step(v) for v in ("avx512", "avx2")] + [gemv._driver(v) for v in ("avx512", "avx2")]
+    for disp in made:
+        cells = disp.py_func.__closure__ or ()
+        kinds = {type(c.cell_contents) for c in cells}
+        assert kinds <= {str, int, float, bool, tuple}, (disp.py_func.__qualname__, kinds)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core.errors import TypingError
+from numba.extending import overload
 
 from . import ir, sources
 from .attn_sparse import _scores, _weighted
@@ -111,33 +113,47 @@ def combine_parts(O, m, l, sink, out, cos, sin, rotate):
             rope_vec(o, cos, sin, True)
 
 
-@functools.cache
-def attend_keys(variant: str):
-    """The compiled attend_keys(q [H, D], keys [n, D], sink [H], scale, nthreads, out [H, D],
-    cos, sin, rotate) of kernel variant `variant` ('avx512', 'avx2' or 'numba'); rows of q,
-    keys and out contiguous. n = 0 gives out = 0. rotate: out is then bf16-rounded and
-    rotated by (cos, sin) per head (combine_parts); else cos and sin are not read."""
-    ISA, DIGEST = variant, sources.digest()                 # compile-time constants
-    NS, NW = f"dsv4_{variant}_attn_scores", f"dsv4_{variant}_attn_wsum"
-    if variant == "numba":
-        scores, wsum = _scores_nb, _wsum_nb
-    else:
-        def scores(q, k, s, h0, h1):
-            ir.ir_call(ISA, NS, (np.uint64(q.ctypes.data + h0 * q.strides[0]), np.uint64(k.ctypes.data),
-                                 np.uint64(s.ctypes.data), np.int64(h1 - h0), np.int64(k.shape[0]),
-                                 np.int64(k.shape[1]), np.int64(q.strides[0] // 4), np.int64(k.strides[0] // 4),
-                                 np.int64(s.strides[0] // 4)))
+def _variant(name: str, variant) -> str:
+    if not isinstance(variant, types.StringLiteral):
+        raise TypingError(f"{name}: the kernel variant must be a string constant")
+    return variant.literal_value
 
-        def wsum(p, k, o, h0, h1):
-            ir.ir_call(ISA, NW, (np.uint64(p.ctypes.data), np.uint64(k.ctypes.data),
-                                 np.uint64(o.ctypes.data + h0 * o.strides[0]), np.int64(h1 - h0),
-                                 np.int64(k.shape[0]), np.int64(k.shape[1]), np.int64(p.strides[0] // 4),
-                                 np.int64(k.strides[0] // 4), np.int64(o.strides[0] // 4)))
-        scores = njit(cache=True, boundscheck=False)(scores)
-        wsum = njit(cache=True, boundscheck=False)(wsum)
+
+def products(variant, which, a, k, c, h0, h1):
+    """which 'scores': c[h - h0, j] = a[h] . k[j]; 'wsum': c[h] = sum_j a[h - h0, j] k[j],
+    for h in [h0, h1): the IR kernels of `variant` (a string constant) or Numba loops."""
+    raise NotImplementedError("products is only callable from Numba-compiled code")
+
+
+@overload(products, prefer_literal=True)
+def _products(variant, which, a, k, c, h0, h1):
+    v, w = _variant("products", variant), _variant("products", which)
+    if v == "numba":
+        return (lambda variant, which, a, k, c, h0, h1: _scores_nb(a, k, c, h0, h1)) if w == "scores" else \
+            (lambda variant, which, a, k, c, h0, h1: _wsum_nb(a, k, c, h0, h1))
+    name = f"dsv4_{v}_attn_{w}"
+    if w == "scores":                    # a = q (all heads), c = s (the block's rows)
+        def impl(variant, which, a, k, c, h0, h1):
+            ir.ir_call(v, name, (np.uint64(a.ctypes.data + h0 * a.strides[0]), np.uint64(k.ctypes.data),
+                                 np.uint64(c.ctypes.data), np.int64(h1 - h0), np.int64(k.shape[0]),
+                                 np.int64(k.shape[1]), np.int64(a.strides[0] // 4), np.int64(k.strides[0] // 4),
+                                 np.int64(c.strides[0] // 4)))
+    else:                                # a = p (the block's rows), c = o (all heads)
+        def impl(variant, which, a, k, c, h0, h1):
+            ir.ir_call(v, name, (np.uint64(a.ctypes.data), np.uint64(k.ctypes.data),
+                                 np.uint64(c.ctypes.data + h0 * c.strides[0]), np.int64(h1 - h0),
+                                 np.int64(k.shape[0]), np.int64(k.shape[1]), np.int64(a.strides[0] // 4),
+                                 np.int64(k.strides[0] // 4), np.int64(c.strides[0] // 4)))
+    return impl
+
+
+@functools.cache
+def _parts(variant: str):
+    """Region 1 of kernel variant `variant`: per (part, head block) the scores, the softmax
+    pieces and the weighted sum."""
+    ISA, DIGEST = variant, sources.digest()                 # compile-time constants
 
     def parts(q, keys, scale, nthreads, S, O, m, l):
-        """Region 1: per (part, head block) scores, softmax pieces and weighted sums."""
         assert DIGEST != ""
         H = q.shape[0]
         n = keys.shape[0]
@@ -154,14 +170,24 @@ def attend_keys(variant: str):
                 continue
             k = keys[j0:j1]
             s = S[h0:h1, j0:j1]
-            scores(q, k, s, h0, h1)
+            products(ISA, "scores", q, k, s, h0, h1)
             _part_softmax(S, h0, h1, j0, j1, scale, m[p], l[p])
-            wsum(s, k, O[p], h0, h1)
-
+            products(ISA, "wsum", s, k, O[p], h0, h1)
+    # one name per variant (see gemv._driver on same-named cached closures)
     parts.__name__ = parts.__qualname__ = f"attend_parts_{variant}"
-    parts = njit(cache=True, parallel=True, boundscheck=False)(parts)
+    return njit(cache=True, parallel=True, boundscheck=False)(parts)
 
-    def attend(q, keys, sink, scale, nthreads, out, cos, sin, rotate):
+
+def attend_keys_into(variant, q, keys, sink, scale, nthreads, out, cos, sin, rotate):
+    """attend_keys (below) of kernel variant `variant` (a string constant), from compiled code."""
+    raise NotImplementedError("attend_keys_into is only callable from Numba-compiled code")
+
+
+@overload(attend_keys_into, prefer_literal=True)
+def _attend_keys_into(variant, q, keys, sink, scale, nthreads, out, cos, sin, rotate):
+    parts = _parts(_variant("attend_keys_into", variant))
+
+    def impl(variant, q, keys, sink, scale, nthreads, out, cos, sin, rotate):
         n = keys.shape[0]
         H, D = q.shape
         if n == 0:
@@ -177,6 +203,22 @@ def attend_keys(variant: str):
         l = np.empty((P, H), F32)
         parts(q, keys, scale, nthreads, S, O, m, l)
         combine_parts(O, m, l, sink, out, cos, sin, rotate)
+    return impl
 
+
+@functools.cache
+def attend_keys(variant: str):
+    """The compiled attend_keys(q [H, D], keys [n, D], sink [H], scale, nthreads, out [H, D],
+    cos, sin, rotate) of kernel variant `variant` ('avx512', 'avx2' or 'numba'); rows of q,
+    keys and out contiguous. n = 0 gives out = 0. rotate: out is then bf16-rounded and
+    rotated by (cos, sin) per head (combine_parts); else cos and sin are not read.
+
+    Compiled code reaches it through attend_keys_into: Numba's cache key hashes a closure's
+    captured values, and a captured dispatcher pickles differently in every process, so the
+    closures here capture only strings and call each other through overloads on them."""
+    ISA = variant                                           # compile-time constant
+
+    def attend(q, keys, sink, scale, nthreads, out, cos, sin, rotate):
+        attend_keys_into(ISA, q, keys, sink, scale, nthreads, out, cos, sin, rotate)
     attend.__name__ = attend.__qualname__ = f"attend_keys_{variant}"
     return njit(cache=True, boundscheck=False)(attend)

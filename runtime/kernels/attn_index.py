@@ -28,7 +28,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core.errors import TypingError
+from numba.extending import overload
 
 from . import ir, sources
 
@@ -177,6 +179,41 @@ def _tile_scores(ws, part, nb, round_bf16, d64, acc, osc):
             osc[j] = F32(acc[j])
 
 
+def tile_products(variant, qs, kT, part):
+    """part[(b * Ih + h) * _TB + j] = block b's sum of qs[h, d] * kT[d * _TB + j]: the IR
+    kernel dsv4_<variant>_index_tile, or Numba loops for 'numba' (a string constant)."""
+    raise NotImplementedError("tile_products is only callable from Numba-compiled code")
+
+
+@overload(tile_products, prefer_literal=True)
+def _tile_products(variant, qs, kT, part):
+    if not isinstance(variant, types.StringLiteral):
+        raise TypingError("tile_products: the kernel variant must be a string constant")
+    v = variant.literal_value
+    if v == "numba":
+        return lambda variant, qs, kT, part: _tile_products_nb(qs, kT, part)
+    name = f"dsv4_{v}_index_tile"
+
+    def impl(variant, qs, kT, part):
+        ir.ir_call(v, name, (np.uint64(qs.ctypes.data), np.uint64(kT.ctypes.data), np.uint64(part.ctypes.data),
+                             np.int64(qs.shape[0]), np.int64(qs.shape[1]), np.int64(_TB)))
+    return impl
+
+
+def index_scores_into(variant, qi, wt, packed, exps, keys, T, round_bf16, sb, out):
+    """index_scores_for(variant) (a string constant) from compiled code."""
+    raise NotImplementedError("index_scores_into is only callable from Numba-compiled code")
+
+
+@overload(index_scores_into, prefer_literal=True)
+def _index_scores_into(variant, qi, wt, packed, exps, keys, T, round_bf16, sb, out):
+    if not isinstance(variant, types.StringLiteral):
+        raise TypingError("index_scores_into: the kernel variant must be a string constant")
+    fn = index_scores_for(variant.literal_value)
+    return lambda variant, qi, wt, packed, exps, keys, T, round_bf16, sb, out: \
+        fn(qi, wt, packed, exps, keys, T, round_bf16, sb, out)
+
+
 @functools.cache
 def index_scores_for(variant: str):
     """The compiled index_scores(qi, wt, packed, exps, keys, T, round_bf16, sb, out) of kernel
@@ -187,15 +224,7 @@ def index_scores_for(variant: str):
     qi f32[S, Ih, Id] (Id % 32 == 0), wt f32[S, Ih]; keys either packed u8[Rows, Id/2] +
     exps i8[Rows, Id/32] (with `keys` of 0 rows) or keys f32[Rows, Id] (with `packed` of 0
     rows); T <= Rows keys scored, `sb` queries per work item -> out f32[S, T]."""
-    DIGEST, ISA, NAME = sources.digest(), variant, f"dsv4_{variant}_index_tile"   # compile-time constants
-    if variant == "numba":
-        products = _tile_products_nb
-    else:
-        def products(qs, kT, part):
-            ir.ir_call(ISA, NAME, (np.uint64(qs.ctypes.data), np.uint64(kT.ctypes.data),
-                                   np.uint64(part.ctypes.data), np.int64(qs.shape[0]), np.int64(qs.shape[1]),
-                                   np.int64(_TB)))
-        products = njit(cache=True, boundscheck=False)(products)
+    DIGEST, ISA = sources.digest(), variant                 # compile-time constants
 
     def index_scores(qi, wt, packed, exps, keys, T, round_bf16, sb, out):
         assert DIGEST != ""
@@ -218,7 +247,7 @@ def index_scores_for(variant: str):
             d64 = np.empty(_TB, np.float64)
             acc = np.empty(_TB, np.float64)
             for s in range(s0, min(s0 + sb, S)):
-                products(qi[s], kT, part)
+                tile_products(ISA, qi[s], kT, part)
                 _tile_scores(wt[s], part, nb, round_bf16, d64, acc, out[s, t0:t0 + n])
     # one name per variant (see gemv._driver on same-named cached closures)
     index_scores.__name__ = index_scores.__qualname__ = f"index_scores_{variant}"

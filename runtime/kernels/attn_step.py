@@ -17,11 +17,14 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core.errors import TypingError
+from numba.extending import overload
 
 from .actq import quant_row
-from . import attn_decode, sources
-from .attn_index import index_scores_for
+from . import sources
+from .attn_decode import attend_keys_into
+from .attn_index import index_scores_into
 from .attn_kv import read_kv_fp8_into, write_kv_fp4_into, write_kv_fp8_into
 from .attn_topk import topk_rows_into
 from .glue import (
@@ -133,9 +136,9 @@ def _finish_entry(raw, norm, eps, pos, freqs, out):
 @functools.cache
 def attend_one_for(variant: str):
     """attend_one compiled for kernel variant `variant` ('avx512', 'avx2' or 'numba', whose
-    attn_decode.attend_keys computes the attention itself), cached on disk."""
-    attend_keys, DIGEST = attn_decode.attend_keys(variant), sources.digest()   # compile-time constants
-    index_scores_into = index_scores_for(variant)
+    products the attention and the indexer use), cached on disk; from compiled code:
+    attend_one_into (see attn_decode.attend_keys on why)."""
+    ISA, DIGEST = variant, sources.digest()                  # compile-time constants
 
     def attend_one(p, window, ratio, eps, scale, nthreads, freqs, sink, kv_norm,
                    xq, xkv, comp, comp_w, comp_st, xqi, xw, index, index_w, index_st, wscale, topk,
@@ -188,7 +191,7 @@ def attend_one_for(variant: str):
                 for h in range(Ih):
                     wt[0, h] = bf16(bf16(xw[h]) * wscale)
                 scores = np.empty((1, T), F32)
-                index_scores_into(qi, wt, index[2], index[3], np.empty((0, Id), F32), T, True, 1,
+                index_scores_into(ISA, qi, wt, index[2], index[3], np.empty((0, Id), F32), T, True, 1,
                                   scores)
                 sel = np.empty((1, min(topk, T)), np.int64)
                 topk_rows_into(scores, np.full(1, T, np.int64), sel.shape[1], sel)
@@ -221,8 +224,21 @@ def attend_one_for(variant: str):
         write_kv_fp8_into(kv, np.full(1, p % window, np.int64), KV_BLOCK, ring[0], ring[1], ring[2])
 
         cos, sin = _cos_sin(p, freqs, True)                  # then rope^-1(bf16(o)) per head
-        attend_keys(q[0], keys[:n_keys], sink, F32(scale), nthreads, out[0], cos, sin, True)
+        attend_keys_into(ISA, q[0], keys[:n_keys], sink, F32(scale), nthreads, out[0], cos, sin, True)
         return n_comp
     # one name per variant (see gemv._driver on same-named cached closures)
     attend_one.__name__ = attend_one.__qualname__ = f"attend_one_{variant}"
     return njit(**_OPTS)(attend_one)
+
+
+def attend_one_into(variant, *args):
+    """attend_one_for(variant) (a string constant) from compiled code."""
+    raise NotImplementedError("attend_one_into is only callable from Numba-compiled code")
+
+
+@overload(attend_one_into, prefer_literal=True)
+def _attend_one_into(variant, *args):
+    if not isinstance(variant, types.StringLiteral):
+        raise TypingError("attend_one_into: the kernel variant must be a string constant")
+    fn = attend_one_for(variant.literal_value)
+    return lambda variant, *args: fn(*args)

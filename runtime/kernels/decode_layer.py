@@ -53,7 +53,6 @@ def _drive_region(isa, table, mats, xsel, xp, xinfo, out):
 def layer_step(isa: str):
     """The compiled block for kernel variant `isa` ('avx512' or 'avx2'), cached on disk."""
     ISA, DIGEST = isa, sources.digest()          # compile-time constants
-    attend_one = attn_step.attend_one_for(isa)
 
     def step(X, p, nthreads, keys, hidx, X3, layer, seq):
         """X [1, hc, d] -> X3 [1, hc, d] (written) at position p. layer: a Pack of the
@@ -95,7 +94,7 @@ def layer_step(isa: str):
         xw = pr[po[4]:po[5]] if has_index else none
         iu = pr[po[5]:po[6]] if has_index else none
         ig = pr[po[6]:po[7]] if has_index else none
-        n_comp = attend_one(p, window, ratio, a_eps, scale, nthreads, freqs, sink, kv_norm, qy[qo[0]:qo[1]],
+        n_comp = attn_step.attend_one_into(ISA, p, window, ratio, a_eps, scale, nthreads, freqs, sink, kv_norm, qy[qo[0]:qo[1]],
                                       pr[po[1]:po[2]], (u, g), comp_w, comp_st, xqi, xw,
                                       (iu, ig, ikeys[0], ikeys[1]), index_w, index_st, wscale, topk, stores,
                                       keys, qbuf, o)                              # o [1, H, D]
