@@ -1,5 +1,6 @@
-"""The two matrix products of decode attention, as register-blocked IR kernels (linked into
-both ISA modules; driver: attn_decode.py). All float32, rows `ld*` floats apart:
+"""The matrix products of decode attention and of the indexer, as register-blocked IR
+kernels (linked into both ISA modules; drivers: attn_decode.py, attn_index.py). All
+float32, rows `ld*` floats apart:
 
 - `dsv4_{isa}_attn_scores(q, k, s, nh, nk, D, ldq, ldk, lds)`: s[h, j] = q[h] . k[j] for
   h < nh, j < nk. A block of HB heads x KB keys keeps HB*KB vector accumulators over d
@@ -8,6 +9,8 @@ both ISA modules; driver: attn_decode.py). All float32, rows `ld*` floats apart:
 - `dsv4_{isa}_attn_wsum(p, k, o, nh, nk, D, ldp, ldk, ldo)`: o[h, :] = sum_j p[h, j] k[j, :]
   (o overwritten). A block of HB heads x VB vectors of d keeps HB*VB accumulators over all
   keys (VB loads and HB broadcasts per HB*VB FMAs): no partial sums go through memory.
+- `dsv4_{isa}_index_tile(q, kT, part, nh, Id, tb)`: the indexer's per-32-dim block sums
+  for a tile of keys stored transposed (see _index_tile).
 
 avx512: W = 16, scores 4 x 4, wsum 4 heads x 4 vectors (16 accumulators); avx2: W = 8,
 scores 2 x 4, wsum 4 x 2 (8 accumulators, within the 16 ymm registers). Heads past nh and
