@@ -1,12 +1,14 @@
 """Decode attention split over the keys (runtime/kernels/attn_decode.py, ir_attn.py)
 against float64 references."""
+import functools
+
 import numba
 import numpy as np
 import pytest
 from numba import njit
 
 from dsv4.quant.formats import bf16_round
-from dsv4.runtime.kernels import attn, attn_decode, cpu, ir
+from dsv4.runtime.kernels import attn, attn_decode, cpu
 
 VARIANTS = [v for v in cpu.VARIANTS if not cpu.unmet(v, cpu.host_features())]
 IR_VARIANTS = [v for v in VARIANTS if v != "numba"]
@@ -85,22 +87,14 @@ def test_large_scores_do_not_overflow(rng):
     np.testing.assert_allclose(out, want, rtol=0, atol=1e-4 * np.abs(keys).max())
 
 
-_CALLERS = {}
-
-
+@functools.cache
 def _ir_caller(variant, which):
-    key = (variant, which)
-    if key not in _CALLERS:
-        NAME, ISA = f"dsv4_{variant}_attn_{which}", variant     # noqa: N806 - constants
+    """attn_decode.products of `variant` for all rows of a / c (the decode path's calls)."""
+    VARIANT, WHICH = variant, which          # noqa: N806 - compile-time constants
 
-        def call(a, k, c):
-            nh = a.shape[0] if NAME.endswith("scores") else c.shape[0]
-            ir.ir_call(ISA, NAME, (np.uint64(a.ctypes.data), np.uint64(k.ctypes.data), np.uint64(c.ctypes.data),
-                                   np.int64(nh), np.int64(k.shape[0]), np.int64(k.shape[1]),
-                                   np.int64(a.strides[0] // 4), np.int64(k.strides[0] // 4),
-                                   np.int64(c.strides[0] // 4)))
-        _CALLERS[key] = njit(call)
-    return _CALLERS[key]
+    def call(a, k, c):
+        attn_decode.products(VARIANT, WHICH, a, k, c, 0, a.shape[0] if WHICH == "scores" else c.shape[0])
+    return njit(call)
 
 
 @pytest.mark.parametrize("variant", IR_VARIANTS)

@@ -84,8 +84,8 @@ def _part_softmax(S, h0, h1, j0, j1, scale, m, l):
 @njit(**jit_opts(parallel=True))
 def combine_parts(O, m, l, sink, out, cos, sin, rotate):
     """out [H, D] = sum_p w_p O[p] / (sum_p w_p l[p] + e^(sink - M)) per head (see module);
-    rotate: then, per head as attn_step._output_heads, bf16-round it and apply the rotation
-    (cos, sin) of the last 2*len(cos) dims (the decode step's inverse RoPE)."""
+    rotate: then, per head, bf16-round it and apply the rotation (cos, sin) of the last
+    2*len(cos) dims (the decode step's inverse RoPE, as glue.rope_rows with rounding)."""
     P, H, D = O.shape
     for h in prange(H):
         M = sink[h]

@@ -124,7 +124,7 @@ class AttnOps:
         return self._attn_buffer("keys", (cfg.window + n_sel, cfg.head_dim))
 
     def _step(self, cfg, plan, w, lc, p0, out=None):
-        """attend_one's arguments besides the token's vectors (see attn_step.attend_one), in
+        """attend_one's arguments besides the token's vectors (see attn_step.attend_one_for), in
         its order: p, window, ratio, eps, scale, nthreads, freqs, sink, kv_norm, comp_w, comp_st,
         indexer keys (packed, exps), index_w, index_st, wscale, topk, stores, keys, q, out.
         out: a [1, H, D] float32 result buffer, 64-byte aligned (default: a fresh one)."""
