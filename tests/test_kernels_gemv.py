@@ -354,3 +354,29 @@ def test_weight_prefetch_follows_the_target_cpu():
     t1 = ir.assembly("avx512", cpu="sapphirerapids", features=feats)
     assert "prefetchnta\t8192(" in nta and "prefetcht1" not in nta
     assert "prefetcht1\t16384(" in t1 and "prefetchnta" not in t1
+
+
+def _prefetch_roots(ir_text: str, function: str) -> list[tuple[str, str]]:
+    """(argument the pointer is computed from, locality) of every llvm.prefetch in one
+    function of an IR module text (following getelementptr chains back to an argument)."""
+    import re
+    body = ir_text.split(f"@{function}(", 1)[1].split("\n}", 1)[0]
+    defs = dict(re.findall(r"^\s*(%v\d+) = (.*)$", body, re.M))
+    out = []
+    for ptr, loc in re.findall(r"@llvm\.prefetch\.p0\(ptr (%\w+), i32 0, i32 (\d), i32 1\)", body):
+        while ptr in defs:
+            ptr = re.match(r"getelementptr \w+, ptr (%\w+),", defs[ptr]).group(1)
+        out.append((ptr, loc))
+    return out
+
+
+def test_fp4_scale_rows_are_prefetched():
+    """The MXFP4 kernels prefetch the rows' e8m0 scales (a stream of their own beside the
+    weight rows, whose own prefetch sits in the row functions) ahead of use, with the
+    weight streams' locality: the avx512 row groups and the avx2 rows. Generated only."""
+    from dsv4.runtime.kernels import ir_avx2, ir_avx512, ir_avx512_int
+    for pf in (ir_avx512.PREFETCH_NTA, ir_avx512.PREFETCH_T1):
+        roots = _prefetch_roots(ir_avx512_int.fp4_export(pf), "dsv4_avx512_fp4")
+        assert roots and set(roots) == {("%s", str(pf.locality))}
+    roots = _prefetch_roots(ir_avx2.module(), "dsv4_avx2_fp4")
+    assert roots and set(roots) == {("%s", str(ir_avx2.ROW_PREFETCH.locality))}

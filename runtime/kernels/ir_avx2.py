@@ -50,6 +50,7 @@ INT_DIGITS, INT_FACTORS = 64, 448     # byte offsets in a 512-byte int-mode x bl
 FP8_X_SCALE = 2.0 ** 60
 PREFETCH = 16384                      # software prefetch distance (bytes) of the rows (prefetcht1)
 ROW_PREFETCH = Prefetch(PREFETCH, 2)
+SCALE_AHEAD = 8                       # fp4: the e8m0 scales of the row this many rows ahead are prefetched
 
 
 # ------------------------------------------------------------------ layouts (shared with prep)
@@ -388,7 +389,8 @@ def module() -> str:
         sp = f.gep("i8", "%s", off)
         args = f"ptr {f.gep('i8', '%w', f(f'shl i64 {off}, 4'))}, ptr {sp}, ptr %x, i64 {ng}"
 
-        def integer(f):
+        def integer(f):                 # the scales are a stream of their own (1/16 of the weights)
+            ROW_PREFETCH.span(f, f.gep("i8", sp, f(f"mul i64 {ng}, {SCALE_AHEAD}")), ng, "spf")
             normal = f(f"call i1 @avx2_e8m0_normal(ptr {sp}, i64 {ng})")
             return choose(f, normal, lambda f: f(f"call float @avx2_fp4_int_rowf({args})"),
                           lambda f: f(f"call float @avx2_fp4_int_row({args})"))

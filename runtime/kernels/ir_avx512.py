@@ -364,6 +364,6 @@ def module(amx: bool = False, pf: Prefetch = PREFETCH_T1) -> str:
     parts += [_fp4_row(nt) for nt in NTERMS] + [_fp8_row(nt) for nt in NTERMS] + [_fp8_row128(nt, pf) for nt in NTERMS]
     parts += [_bf16_row(nt, pf) for nt in NTERMS] + ir_gemm.functions(_fp8_tables()) + ir_amx.functions(amx)
     parts += ir_attn.functions("avx512")
-    parts += [ir_avx512_int.fp4_export(), _fp8_export(), _export("bf16", bf16)]
+    parts += [ir_avx512_int.fp4_export(pf), _fp8_export(), _export("bf16", bf16)]
     parts += ir_avx2.float_kernels("avx512", ("f32",), pf) + [ir_avx2.float_row("bf16", pf)]
     return "\n\n".join(parts)

@@ -45,6 +45,18 @@ class Prefetch(NamedTuple):
         ahead = f.gep("i8", p, self.distance + extra)
         f.put(f"call void @llvm.prefetch.p0(ptr {ahead}, i32 0, i32 {self.locality}, i32 1)")
 
+    def span(self, f: "Fn", p: str, nbytes: str, tag: str) -> None:
+        """Prefetch (same locality, no distance) every line of the nbytes (i64 value) bytes
+        at pointer p: one per 64 bytes, then the last byte's line (p may be unaligned).
+        A prefetch never faults, so the span may run past the end of an array."""
+        def line(f, i, _):
+            at = f.gep("i8", p, f(f"shl i64 {i}, 6"))
+            f.put(f"call void @llvm.prefetch.p0(ptr {at}, i32 0, i32 {self.locality}, i32 1)")
+            return []
+        counted_loop(f, f(f"lshr i64 {nbytes}, 6"), line, [], tag)
+        end = f.gep("i8", p, f(f"sub i64 {nbytes}, 1"))
+        f.put(f"call void @llvm.prefetch.p0(ptr {end}, i32 0, i32 {self.locality}, i32 1)")
+
 
 E8M0_NAN_BITS = 0x7FC00000   # e8m0 255 is NaN
 E8M0_MIN_BITS = 0x00400000   # e8m0 0 is 2^-127, a float32 subnormal
