@@ -2,8 +2,9 @@
 
 Each kernel variant wants x in the order its weight decode produces, so a prepared x only
 works with the variant that made it. `prepare` maps x [n, K] float32 to [n, L]:
-- fp4 on avx512 and avx2, when every 32-group of x is integer * 2^E with |integer| < 2^23
-  (always for e4m3-quantized activations): the integer layout of `fp4_int` (nterms 0).
+- fp4 on avx512 and avx2, when every lane of 8 elements of x is integer * 2^E with
+  |integer| < 2^23 (always for e4m3-quantized activations): the integer layout of
+  `fp4_int` (nterms 0).
 - avx512: bf16 planes. x = t0 + t1 + t2 exactly, t_j bf16 (`nterms` = 3); when x is already
   bf16-exact (e4m3-quantized activations are) one plane suffices (`nterms` = 1). bf16
   weights with x that is not bf16-exact take the avx2 float32 layout instead (`nterms` 0).
@@ -111,7 +112,7 @@ def _lsb_exponent(x: np.ndarray) -> np.ndarray:
 
 
 def fp4_int(x: np.ndarray) -> np.ndarray | None:
-    """x [n, K] -> fp4 integer layout, or None when some 32-group does not fit (Numba)."""
+    """x [n, K] -> fp4 integer layout, or None when some lane does not fit (Numba)."""
     from .prep_nb import fp4_int_rows  # noqa: PLC0415
     n, K = x.shape
     out = np.empty((n, int_len(K)), F32)
@@ -131,7 +132,7 @@ def balanced_digits(c: np.ndarray, n: int) -> tuple[list[np.ndarray], np.ndarray
 
 
 def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
-    """x [n, K] -> fp4 integer layout, or None when some 32-group does not fit.
+    """x [n, K] -> fp4 integer layout, or None when some lane does not fit.
 
     Per lane (8 consecutive elements: what one int32 lane of the kernels' dot products
     sums), E = the lowest set bit exponent of its values and c = x * 2^-E (exact integers)
