@@ -380,19 +380,3 @@ def test_fp4_scale_rows_are_prefetched():
         assert roots and set(roots) == {("%s", str(pf.locality))}
     roots = _prefetch_roots(ir_avx2.module(), "dsv4_avx2_fp4")
     assert roots and set(roots) == {("%s", str(ir_avx2.ROW_PREFETCH.locality))}
-
-
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "numba"])
-def test_fp4_integer_layout_exponent_per_lane(variant, rng):
-    """Each int32 lane of the dot products (8 consecutive elements) has its own exponent:
-    a tiny value in one lane does not push a large one in the next lane of the same group
-    to three digits (with one exponent per 32-group, c = 100 * 2^14 would need them)."""
-    K, O = 256, 7
-    W, S, Wr = problem("fp4", rng, O, K)
-    x = np.zeros(K, np.float32)
-    x[0], x[8], x[9] = np.ldexp(np.float32([1, 100, -3]), [-20, -6, -6])
-    x[130], x[200] = np.ldexp(np.float32([5, 7]), [-4, -9])
-    k = gemv.Kernels(variant)
-    xp = k.prepare_x("fp4", x)
-    assert xp.nterms == 0 and xp.data.view(np.int32)[0, 0] == 2          # both blocks: two digits
-    assert worst(k.gemv("fp4", W, S, xp), Wr, x) <= TOL

@@ -1,11 +1,11 @@
 """AVX-512 fp4 kernel for x in the integer layout (prep.fp4_int): VNNI int8 dot products.
 
-When every lane of x (8 consecutive elements, one int32 lane of the dot products) is c * 2^E
-with integers |c| < 2^23 (always true for e4m3-quantized activations), x is given as the signed base-256 digits of c (prep.fp4_int). vpermb maps
+When every 32-group of x is c * 2^E with integers |c| < 2^23 (always true for e4m3-quantized
+activations), x is given as the signed base-256 digits of c (prep.fp4_int). vpermb maps
 nibbles to the unsigned bytes 2*e2m1 + 12, and vpdpbusd forms sum(byte * int8 digit) per
 digit plane; the first plane starts from the x layout's correction, -12 * sum(c) per lane,
 which takes the offset back out (so no per-row sign work is needed). Planes are combined in
-int32, converted once per 4 groups and multiplied per lane by 2^(s-127) * 2^(E-1). Blocks whose c
+int32, converted once per 4 groups and multiplied by 2^(s-127) * 2^(E-1). Blocks whose c
 have two digits (-32896 <= c <= 32639; most of them for real activations) are listed first
 by the x layout and done with two planes instead of three; the kernel still takes the weight
 blocks in order, as two-plane runs between consecutive three-plane blocks (no per-block

@@ -2,9 +2,8 @@
 
 Each kernel variant wants x in the order its weight decode produces, so a prepared x only
 works with the variant that made it. `prepare` maps x [n, K] float32 to [n, L]:
-- fp4 on avx512 and avx2, when every lane of 8 elements of x is integer * 2^E with
-  |integer| < 2^23 (always for e4m3-quantized activations): the integer layout of
-  `fp4_int` (nterms 0).
+- fp4 on avx512 and avx2, when every 32-group of x is integer * 2^E with |integer| < 2^23
+  (always for e4m3-quantized activations): the integer layout of `fp4_int` (nterms 0).
 - avx512: bf16 planes. x = t0 + t1 + t2 exactly, t_j bf16 (`nterms` = 3); when x is already
   bf16-exact (e4m3-quantized activations are) one plane suffices (`nterms` = 1). bf16
   weights with x that is not bf16-exact take the avx2 float32 layout instead (`nterms` 0).
@@ -112,7 +111,7 @@ def _lsb_exponent(x: np.ndarray) -> np.ndarray:
 
 
 def fp4_int(x: np.ndarray) -> np.ndarray | None:
-    """x [n, K] -> fp4 integer layout, or None when some lane does not fit (Numba)."""
+    """x [n, K] -> fp4 integer layout, or None when some 32-group does not fit (Numba)."""
     from .prep_nb import fp4_int_rows  # noqa: PLC0415
     n, K = x.shape
     out = np.empty((n, int_len(K)), F32)
@@ -132,17 +131,15 @@ def balanced_digits(c: np.ndarray, n: int) -> tuple[list[np.ndarray], np.ndarray
 
 
 def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
-    """x [n, K] -> fp4 integer layout, or None when some lane does not fit.
+    """x [n, K] -> fp4 integer layout, or None when some 32-group does not fit.
 
-    Per lane (8 consecutive elements: what one int32 lane of the kernels' dot products
-    sums), E = the lowest set bit exponent of its values and c = x * 2^-E (exact integers)
-    must have three signed base-256 digits (balanced_digits; |c| < 2^23 does, e4m3-quantized
-    x needs at most 18 bits). An exponent per lane rather than per 32-group leaves fewer
-    blocks needing three digits (SwiGLU outputs: ~48% -> ~25%). A 4-group block takes 512
-    bytes: 16 int32 corrections [64] (lane L: -12 times the sum of c over elements 8L..8L+7; the kernels
+    Per group g, E = the lowest set bit exponent of its values and c = x * 2^-E (exact
+    integers) must have three signed base-256 digits (balanced_digits; |c| < 2^23 does,
+    e4m3-quantized x needs at most 18 bits). A 4-group block takes 512 bytes: 16 int32
+    corrections [64] (lane L: -12 times the sum of c over elements 8L..8L+7; the kernels
     look the weights up as 2*e2m1 + 12, unsigned, so this takes the offset back out), then
     for digit d = 0, 1, 2 of c the even elements [64] and the odd elements [64] (int8),
-    then 16 float32 factors 2^(E-1) (one per lane; the kernels use 2*e2m1). Full blocks
+    then 16 float32 factors 2^(E-1) (4 per group; the kernels use 2*e2m1). Full blocks
     whose c have two digits come first: the header lists n2, the number of full blocks
     and the original index of each stored block; a partial last block (K/32 not a
     multiple of 4) stays last.
@@ -151,7 +148,6 @@ def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
     ng, nb = K // 32, -(-(K // 32) // 4)
     xg = np.zeros((n, nb * 4, 32), F32)
     xg[:, :ng] = x.reshape(n, ng, 32)
-    xg = xg.reshape(n, nb * 16, 8)                                    # lanes
     E = _lsb_exponent(xg).min(axis=-1)
     E = np.where(E == 999, 0, E)
     if np.any((E - 1 < -126) | (E - 1 > 127)):
@@ -179,7 +175,7 @@ def fp4_int_numpy(x: np.ndarray) -> np.ndarray | None:
         digit = digits[d].astype(np.int8).view(np.uint8)
         blk[:, :, 64 + 128 * d:128 + 128 * d] = per_block(digit[..., 0::2])
         blk[:, :, 128 + 128 * d:192 + 128 * d] = per_block(digit[..., 1::2])
-    fac = np.ldexp(F32(1), E - 1).astype(F32)                         # [n, 16*nb]
+    fac = np.repeat(np.ldexp(F32(1), E - 1).astype(F32), 4, axis=-1)     # [n, 16*nb]
     blk[:, :, 448:] = fac.reshape(n, nb, 16).view(np.uint8)
     out = np.zeros((n, int_len(K)), F32)
     head = out[:, :int_header(K)].view(np.int32)

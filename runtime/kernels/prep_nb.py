@@ -32,18 +32,17 @@ def _lsb(u):
 @njit(cache=True, boundscheck=False)
 def fp4_int_rows(x, header, out):
     """x float32 [n, K] -> out float32 [n, L] (header int32 words, then 512-byte blocks).
-    Returns False when some lane does not fit (then nothing is usable). Per row, in
-    passes that vectorize: the lanes' exponents E (a lane: 8 consecutive elements, one
-    int32 lane of the kernels' dot products), the integers c = x * 2^-E, then per block its
-    range, corrections, digit planes and factors."""
+    Returns False when some 32-group does not fit (then nothing is usable). Per row, in
+    passes that vectorize: the groups' exponents E, the integers c = x * 2^-E, then per
+    block its range, corrections, digit planes and factors."""
     n, K = x.shape
     ng = K // 32
     nb = (ng + 3) // 4
     nfull = ng // 4
     blocks = np.zeros((nb, INT_BLOCK), np.uint8)
     words = blocks.view(np.int32)                   # [nb, 128]: words 0-15 the corrections
-    ex = np.empty(nb * 16, np.int32)
-    inv = np.empty(nb * 16, np.float32)
+    ex = np.empty(nb * 4, np.int32)
+    inv = np.empty(nb * 4, np.float32)
     c = np.zeros(nb * 128, np.int32)
     big = np.zeros(nb, np.bool_)
     order = np.empty(nb, np.int64)
@@ -52,14 +51,14 @@ def fp4_int_rows(x, header, out):
     for r in range(n):
         blocks[:] = 0
         xr, ur = x[r], x[r].view(np.uint32)
-        for g in range(nb * 16):
+        for g in range(nb * 4):
             E = np.int32(999)
-            top = np.uint32(0)                      # largest |x| of the lane, as bits
-            if g < ng * 4:
-                ug = ur[g * 8:g * 8 + 8]
-                for i in range(8):
+            top = np.uint32(0)                      # largest |x| of the group, as bits
+            if g < ng:
+                ug = ur[g * 32:g * 32 + 32]
+                for i in range(32):
                     E = min(E, _lsb(ug[i]))
-                for i in range(8):
+                for i in range(32):
                     top = max(top, ug[i] & np.uint32(0x7FFFFFFF))
             if E == 999:
                 E = np.int32(0)
@@ -71,9 +70,9 @@ def fp4_int_rows(x, header, out):
                 return False
             ex[g] = E
             inv[g] = bits_f32(np.uint32(127 - E) << np.uint32(23)) if E < 127 else np.float32(2.0 ** -127)
-        for g in range(ng * 4):                     # exact: x * 2^-E is an integer
-            xg, cg, v = xr[g * 8:g * 8 + 8], c[g * 8:g * 8 + 8], inv[g]
-            for i in range(8):
+        for g in range(ng):                         # exact: x * 2^-E is an integer
+            xg, cg, v = xr[g * 32:g * 32 + 32], c[g * 32:g * 32 + 32], inv[g]
+            for i in range(32):
                 cg[i] = np.int32(xg[i] * v)
         lo = np.int32(0)
         hi = np.int32(0)
@@ -101,8 +100,10 @@ def fp4_int_rows(x, header, out):
                     bl[64 + 64 * h + j] = np.uint8(d0 & 255)
                     bl[192 + 64 * h + j] = np.uint8(d1 & 255)
                     bl[320 + 64 * h + j] = np.uint8(d2 & 255)
-            for lane in range(16):                  # each lane's factor 2^(E-1)
-                words[b, 112 + lane] = np.int32(np.uint32(ex[16 * b + lane] - 1 + 127) << np.uint32(23))
+            for gl in range(4):                     # 4 copies of each group's factor 2^(E-1)
+                fb = np.int32(np.uint32(ex[4 * b + gl] - 1 + 127) << np.uint32(23))
+                for q in range(4):
+                    words[b, 112 + gl * 4 + q] = fb
         if lo < THREE_DIGITS[0] or hi > THREE_DIGITS[1]:
             return False
         k = 0
