@@ -21,8 +21,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange, types
-from numba.core.errors import TypingError
+from numba import njit, prange
 from numba.extending import overload
 
 from . import ir, sources
@@ -113,12 +112,6 @@ def combine_parts(O, m, l, sink, out, cos, sin, rotate):
             rope_vec(o, cos, sin, True)
 
 
-def _variant(name: str, variant) -> str:
-    if not isinstance(variant, types.StringLiteral):
-        raise TypingError(f"{name}: the kernel variant must be a string constant")
-    return variant.literal_value
-
-
 def products(variant, which, a, k, c, h0, h1):
     """which 'scores': c[h - h0, j] = a[h] . k[j]; 'wsum': c[h] = sum_j a[h - h0, j] k[j],
     for h in [h0, h1): the IR kernels of `variant` (a string constant) or Numba loops."""
@@ -127,7 +120,7 @@ def products(variant, which, a, k, c, h0, h1):
 
 @overload(products, prefer_literal=True)
 def _products(variant, which, a, k, c, h0, h1):
-    v, w = _variant("products", variant), _variant("products", which)
+    v, w = ir.literal_string("products: variant", variant), ir.literal_string("products: which", which)
     if v == "numba":
         return (lambda variant, which, a, k, c, h0, h1: _scores_nb(a, k, c, h0, h1)) if w == "scores" else \
             (lambda variant, which, a, k, c, h0, h1: _wsum_nb(a, k, c, h0, h1))
@@ -185,7 +178,7 @@ def attend_keys_into(variant, q, keys, sink, scale, nthreads, out, cos, sin, rot
 
 @overload(attend_keys_into, prefer_literal=True)
 def _attend_keys_into(variant, q, keys, sink, scale, nthreads, out, cos, sin, rotate):
-    parts = _parts(_variant("attend_keys_into", variant))
+    parts = _parts(ir.literal_string("attend_keys_into: variant", variant))
 
     def impl(variant, q, keys, sink, scale, nthreads, out, cos, sin, rotate):
         n = keys.shape[0]

@@ -28,8 +28,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange, types
-from numba.core.errors import TypingError
+from numba import njit, prange
 from numba.extending import overload
 
 from . import ir, sources
@@ -187,9 +186,7 @@ def tile_products(variant, qs, kT, part):
 
 @overload(tile_products, prefer_literal=True)
 def _tile_products(variant, qs, kT, part):
-    if not isinstance(variant, types.StringLiteral):
-        raise TypingError("tile_products: the kernel variant must be a string constant")
-    v = variant.literal_value
+    v = ir.literal_string("tile_products: variant", variant)
     if v == "numba":
         return lambda variant, qs, kT, part: _tile_products_nb(qs, kT, part)
     name = f"dsv4_{v}_index_tile"
@@ -207,9 +204,7 @@ def index_scores_into(variant, qi, wt, packed, exps, keys, T, round_bf16, sb, ou
 
 @overload(index_scores_into, prefer_literal=True)
 def _index_scores_into(variant, qi, wt, packed, exps, keys, T, round_bf16, sb, out):
-    if not isinstance(variant, types.StringLiteral):
-        raise TypingError("index_scores_into: the kernel variant must be a string constant")
-    fn = index_scores_for(variant.literal_value)
+    fn = index_scores_for(ir.literal_string("index_scores_into: variant", variant))
     return lambda variant, qi, wt, packed, exps, keys, T, round_bf16, sb, out: \
         fn(qi, wt, packed, exps, keys, T, round_bf16, sb, out)
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba import njit, prange, types
-from numba.core.errors import TypingError
+from numba import njit, prange
 from numba.extending import overload
 
 from .actq import quant_row
-from . import sources
+from . import ir, sources
 from .attn_decode import attend_keys_into
 from .attn_index import index_scores_into
 from .attn_kv import read_kv_fp8_into, write_kv_fp4_into, write_kv_fp8_into
@@ -238,7 +237,5 @@ def attend_one_into(variant, *args):
 
 @overload(attend_one_into, prefer_literal=True)
 def _attend_one_into(variant, *args):
-    if not isinstance(variant, types.StringLiteral):
-        raise TypingError("attend_one_into: the kernel variant must be a string constant")
-    fn = attend_one_for(variant.literal_value)
+    fn = attend_one_for(ir.literal_string("attend_one_into: variant", variant))
     return lambda variant, *args: fn(*args)

@@ -94,10 +94,10 @@ def layer_step(isa: str):
         xw = pr[po[4]:po[5]] if has_index else none
         iu = pr[po[5]:po[6]] if has_index else none
         ig = pr[po[6]:po[7]] if has_index else none
-        n_comp = attn_step.attend_one_into(ISA, p, window, ratio, a_eps, scale, nthreads, freqs, sink, kv_norm, qy[qo[0]:qo[1]],
-                                      pr[po[1]:po[2]], (u, g), comp_w, comp_st, xqi, xw,
-                                      (iu, ig, ikeys[0], ikeys[1]), index_w, index_st, wscale, topk, stores,
-                                      keys, qbuf, o)                              # o [1, H, D]
+        n_comp = attn_step.attend_one_into(ISA, p, window, ratio, a_eps, scale, nthreads, freqs, sink, kv_norm,
+                                           qy[qo[0]:qo[1]], pr[po[1]:po[2]], (u, g), comp_w, comp_st, xqi, xw,
+                                           (iu, ig, ikeys[0], ikeys[1]), index_w, index_st, wscale, topk,
+                                           stores, keys, qbuf, o)                   # o [1, H, D]
 
         # output projection, residual, then x = rmsnorm(hc_pre(X2)) and the router
         decode_step.groups_in(o, G, s_woa, xcat, xinfo)

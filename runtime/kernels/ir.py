@@ -75,6 +75,14 @@ def _library(codegen, isa: str):
     return lib
 
 
+def literal_string(what: str, t) -> str:
+    """The value of a Numba string-constant type (typing of the overloads that pick a kernel
+    variant by name); a TypingError naming `what` for anything else."""
+    if not isinstance(t, types.StringLiteral):
+        raise TypingError(f"{what} must be a string constant, got {t}")
+    return t.literal_value
+
+
 @intrinsic(prefer_literal=True)
 def ir_rows(typingctx, isa, fmt, w, s, x, y, nrows, K, nterms, row0, b0, b1, scols):
     """ir_rows('avx2', 'fp4', w, s, x, y, nrows, K, nterms, row0, b0, b1, scols): addresses
